@@ -191,8 +191,6 @@ class Reader:
                     self._fail(f"unknown byte-order magic 0x{magic:08x}", base + off)
                 s = _S[bo]
                 hdr, u32, epb = s["II"], s["I"], s["epb"]
-            elif section is None:
-                self._fail("pcapng stream does not start with a section header block", base + off)
             btype, blen = hdr.unpack_from(buf, off)
             if blen & 3:
                 self._fail(f"block length {blen} is not a multiple of 4", base + off)
@@ -414,7 +412,7 @@ class Reader:
                 break
             pkt = Packet(interface, sec * units + frac, mv[off + record : end], orig)
             if record == 24:
-                pkt.flags = _KUZ_FLAGS.get(kuz.unpack_from(buf, off + 16)[3])
+                pkt.flags = _KUZ_FLAGS.get(kuz.unpack_from(buf, off + 16)[2])
             off = end
             self._off = off
             yield pkt
