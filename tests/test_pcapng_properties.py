@@ -42,7 +42,7 @@ def test_written_packets_read_back_identically(bo, ifaces, pkts):
     w.flush()
     got = list(pcapng.read(out.getvalue()))
     assert len(got) == len(pkts)
-    for p, (ifid, ts, data, extra, flags, notes) in zip(got, pkts):
+    for p, (ifid, ts, data, extra, flags, notes) in zip(got, pkts, strict=False):
         linktype, _, tsresol, tsoffset = ifaces[ifid]
         assert p.interface.id == ifid and p.linktype == linktype
         assert (p.interface.tsresol, p.interface.tsoffset) == (tsresol, tsoffset)

@@ -59,9 +59,7 @@ ISB_KINDS = {
 GENERIC_KINDS = _COMMON
 
 _SIZES = {"B": 1, "I": 4, "Q": 8, "q": 8, "i": 4, "T": 8, "P": 8}
-_STRUCTS = {
-    bo: {k: struct.Struct(bo + ("II" if k in "TP" else k)) for k in _SIZES} for bo in "<>"
-}
+_STRUCTS = {bo: {k: struct.Struct(bo + ("II" if k in "TP" else k)) for k in _SIZES} for bo in "<>"}
 _HDR = {bo: struct.Struct(bo + "HH") for bo in "<>"}
 _PEN = {bo: struct.Struct(bo + "I") for bo in "<>"}
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")

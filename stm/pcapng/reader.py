@@ -166,7 +166,7 @@ class Reader:
         else:
             yield from self._parse_pcapng()
 
-    def _parse_pcapng(self) -> Iterator[Event]:  # noqa: C901 - one loop on the hot path
+    def _parse_pcapng(self) -> Iterator[Event]:
         buf = self._buf
         mv = memoryview(buf)
         n = len(buf)
@@ -310,9 +310,7 @@ class Reader:
             need(20, "interface description block")
             linktype, _, snaplen = s["idb"].unpack_from(mv, body)
             opts = decode_options(mv, body + 8, tail, bo, IDB_KINDS, base)
-            interface = Interface(
-                linktype, snaplen, opts, len(self.interfaces), self._sections - 1
-            )
+            interface = Interface(linktype, snaplen, opts, len(self.interfaces), self._sections - 1)
             self.interfaces.append(interface)
             return interface
         if btype == c.EPB:  # only in bulk mode's per-block fallback (never reached otherwise)

@@ -114,7 +114,9 @@ class Writer:
         ifid = len(self.interfaces)
         if interface.tsresol & 0x7F > (63 if interface.tsresol & 0x80 else 19):
             raise UsageError(f"if_tsresol 0x{interface.tsresol:02x} is out of range")
-        self._put(enc.idb(self.byte_order, interface.linktype, interface.snaplen, interface.options))
+        self._put(
+            enc.idb(self.byte_order, interface.linktype, interface.snaplen, interface.options)
+        )
         self.interfaces.append(
             Interface(interface.linktype, interface.snaplen, interface.options, ifid)
         )
@@ -173,9 +175,7 @@ class Writer:
             options=packet.options,
         )
 
-    def write_statistics(
-        self, interface_id: int, ts: int, options: Iterable[Option] = ()
-    ) -> None:
+    def write_statistics(self, interface_id: int, ts: int, options: Iterable[Option] = ()) -> None:
         """Append an interface statistics block (``isb_ifdrop``, ``isb_ifrecv``, comments...)."""
         if not 0 <= interface_id < len(self.interfaces):
             raise UsageError(f"interface {interface_id} has not been added")
