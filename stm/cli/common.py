@@ -1,0 +1,81 @@
+"""What both commands share: error handling, logging, a rate-limited logger."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+
+import click
+
+from stm.errors import StmError, UsageError
+
+log = logging.getLogger("stm")
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def verbosity_options(func):
+    func = click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="Only errors.")(func)
+
+
+def setup_logging(prog: str, verbose: int, quiet: bool) -> None:
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    logging.basicConfig(level=level, format=f"{prog}: %(message)s", stream=sys.stderr)
+
+
+def fail_cleanly(prog: str):
+    """Turn stm's errors into one-line messages: exit 2 for usage, 1 for the rest."""
+
+    def wrap(func):
+        @functools.wraps(func)
+        def inner(*args, **kwargs):
+            try:
+                return func(*args, **kwargs)
+            except UsageError as exc:
+                click.echo(f"{prog}: error: {exc}", err=True)
+                sys.exit(2)
+            except StmError as exc:
+                click.echo(f"{prog}: {exc}", err=True)
+                sys.exit(1)
+            except BrokenPipeError:
+                sys.exit(1)
+            except OSError as exc:
+                click.echo(
+                    f"{prog}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(), err=True
+                )
+                sys.exit(1)
+
+        return inner
+
+    return wrap
+
+
+class RateLimitedLog:
+    """Logs at most one line per ``interval`` seconds and says how many it held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = -1e9
+        self._held = 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            more = f" ({self._held} more not shown)" if self._held else ""
+            log.warning("%s%s", message, more)
+            self._last = now
+            self._held = 0
+        else:
+            self._held += 1
+
+
+def parse_int(value: str, what: str) -> int:
+    try:
+        return int(value, 0)
+    except ValueError:
+        raise UsageError(f"{what} must be an integer, not {value!r}") from None

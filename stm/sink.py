@@ -1,0 +1,131 @@
+"""Writes decoded report streams into one merged pcapng file.
+
+Every (producer, stream, source interface) gets an IDB of its own, named
+``producer/stream/interface``, keeping the source link type, snaplen, timestamp resolution
+and offset, so timestamps are copied as raw ticks and stay exact. Loss found from sequence
+gaps is written as an ISB per interface of the stream, so Wireshark shows it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import BinaryIO
+
+from stm.pcapng import constants as c
+from stm.pcapng.records import Interface, Packet
+from stm.pcapng.writer import Writer
+from stm.report import STM_PEN, Stream, stm_options, without_stm_options
+
+# A packet from a Simple Packet Block has no capture time: it is written with its time of
+# arrival, marked by this stm custom option so its comments stay exactly the source's.
+ARRIVAL_TIME = (c.OPT_CUSTOM_STR, (STM_PEN, b"timestamp=arrival"))
+
+
+class PcapngSink:
+    """A merged pcapng output; ``flush_interval`` bounds how long packets stay buffered."""
+
+    def __init__(
+        self,
+        file: BinaryIO,
+        *,
+        byte_order: str | None = None,
+        flush_interval: float = 1.0,
+        max_interfaces: int = 65536,
+    ) -> None:
+        self.writer = Writer(file, byte_order=byte_order, options=[(c.SHB_USERAPPL, "stm-recv")])
+        self.flush_interval = flush_interval
+        self.max_interfaces = max_interfaces
+        self.packets = 0
+        self.rejected = 0
+        self._by_object: dict[int, tuple[Interface, int]] = {}
+        self._by_content: dict[tuple, int] = {}
+        self._stream_ifaces: dict[Stream, list[int]] = {}
+        self._lost: dict[Stream, int] = {}
+        self._last_flush = time.monotonic()
+
+    def _ifid(self, stream: Stream, iface: Interface) -> int | None:
+        entry = self._by_object.get(id(iface))
+        if entry is not None and entry[0] is iface:
+            return entry[1]
+        source = stm_options(iface.options).get("if", str(iface.id))
+        options = without_stm_options(iface.options)
+        key = (stream, source, iface.linktype, iface.snaplen, options)
+        ifid = self._by_content.get(key)
+        if ifid is None:
+            if len(self._by_content) >= self.max_interfaces:
+                return None
+            name = f"{stream.producer}/{stream.key}/{iface.name or 'if' + source}"
+            ifid = self.writer.copy_interface(
+                Interface(iface.linktype, iface.snaplen, options), name=name
+            )
+            self._by_content[key] = ifid
+            self._stream_ifaces.setdefault(stream, []).append(ifid)
+        if len(self._by_object) > 4096:
+            self._by_object.clear()
+        self._by_object[id(iface)] = (iface, ifid)
+        return ifid
+
+    def write(self, stream: Stream, packets: list[Packet], now: float | None = None) -> None:
+        """Append packets of one stream (from a ``Packets`` event)."""
+        w = self.writer
+        for pkt in packets:
+            ifid = self._ifid(stream, pkt.interface)
+            if ifid is None:
+                self.rejected += 1
+                continue
+            ts = pkt.ts
+            if ts is None:
+                iface = w.interfaces[ifid]
+                ts = int((time.time() if now is None else now) * iface.units) - (
+                    iface.tsoffset * iface.units
+                )
+                w.write_packet(
+                    ifid,
+                    max(ts, 0),
+                    pkt.data,
+                    origlen=pkt.origlen,
+                    options=(ARRIVAL_TIME,),
+                )
+            else:
+                w.write_packet(
+                    ifid,
+                    ts,
+                    pkt.data,
+                    origlen=pkt.origlen,
+                    flags=pkt.flags,
+                    comments=pkt.comments,
+                    options=pkt.options,
+                )
+            self.packets += 1
+
+    def loss(self, stream: Stream, missing: int, now: float | None = None) -> None:
+        """Record ``missing`` lost datagrams of ``stream`` as an ISB on each of its interfaces."""
+        total = self._lost.get(stream, 0) + missing
+        self._lost[stream] = total
+        wall = time.time() if now is None else now
+        for ifid in self._stream_ifaces.get(stream, ()):
+            iface = self.writer.interfaces[ifid]
+            ts = max(int((wall - iface.tsoffset) * iface.units), 0)
+            self.writer.write_statistics(
+                ifid,
+                ts,
+                [
+                    (c.ISB_IFDROP, total),
+                    (
+                        c.OPT_COMMENT,
+                        f"stm: {total} report datagram(s) of stream {stream} lost so far "
+                        "(sequence gaps; each carried one or more packets)",
+                    ),
+                ],
+            )
+
+    def maybe_flush(self, monotonic_now: float) -> None:
+        if monotonic_now - self._last_flush >= self.flush_interval:
+            self.flush()
+            self._last_flush = monotonic_now
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.flush()
