@@ -1,22 +1,78 @@
-"""The README's main job: read every bundled sample and print a summary of each."""
+"""The README's main job: send the bundled samples over loopback and rebuild them.
+
+Starts ``stm-recv`` on 127.0.0.1, sends every sample with ``stm-send`` (format A over UDP),
+waits until every packet is written, then prints a summary of the rebuilt pcapng (and
+``capinfos`` output where Wireshark's tools are installed).
+"""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+from stm import pcapng
 from stm.summary import summarize
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+
+
+def cli(name: str) -> list[str]:
+    return [sys.executable, "-m", f"stm.cli.{name}"]
+
+
+def wait_for_port(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """Read stm-recv's stderr until it says where it listens."""
+    deadline = time.monotonic() + timeout
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        match = re.search(r"listening on (udp://\S+)", line)
+        if match:
+            return match.group(1)
+    proc.kill()
+    raise RuntimeError("stm-recv did not start")
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = [Path(p) for p in (argv if argv is not None else sys.argv[1:])] or sorted(
-        p for p in SAMPLES.iterdir() if p.suffix in (".pcap", ".pcapng")
+    args = argv if argv is not None else sys.argv[1:]
+    output = Path(args[0]) if args else ROOT / "out" / "demo.pcapng"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    samples = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".pcap", ".pcapng"))
+    total = sum(1 for s in samples for _ in pcapng.read(s))
+    recv = subprocess.Popen(
+        [
+            *cli("recv"),
+            "--listen",
+            "udp://127.0.0.1:0",
+            "-w",
+            str(output),
+            "--count",
+            str(total),
+            "--duration",
+            "60",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    for path in paths:
-        print("\n".join(summarize(path).lines()))
-    return 0
+    url = wait_for_port(recv)
+    print(f"stm-recv listening on {url}, writing {output}")
+    for sample in samples:
+        subprocess.run(
+            [*cli("send"), str(sample), "--to", url, "--producer", sample.stem], check=True
+        )
+    _, err = recv.communicate(timeout=90)
+    sys.stderr.write(err)
+    print("\n".join(summarize(output).lines()))
+    if shutil.which("capinfos"):
+        subprocess.run(["capinfos", "-c", "-E", "-I", str(output)], check=False)
+    return recv.returncode
 
 
 if __name__ == "__main__":
