@@ -145,11 +145,21 @@ def encode_header(header: GreHeader, payload_for_checksum: Buffer | None = None)
     be passed as ``payload_for_checksum`` (``b""`` for an empty one). Out-of-range or non-int
     fields raise :class:`UsageError`.
     """
-    protocol_type = header.protocol_type
-    key = header.key
-    sequence = header.sequence
+    return pack_header(
+        header.protocol_type, header.key, header.sequence, header.checksum, payload_for_checksum
+    )
+
+
+def pack_header(
+    protocol_type: int,
+    key: int | None,
+    sequence: int | None,
+    checksum: bool = False,
+    payload_for_checksum: Buffer | None = None,
+) -> bytes:
+    """``encode_header`` without building a ``GreHeader``: for the per-datagram hot path."""
     try:
-        if not header.checksum:
+        if not checksum:
             if key is None:
                 if sequence is None:
                     return _pack_hh(0, protocol_type)
@@ -180,7 +190,10 @@ def encode_header(header: GreHeader, payload_for_checksum: Buffer | None = None)
             return _pack_hhhhi(flags, protocol_type, csum, 0, key)
         return _pack_hhhhii(flags, protocol_type, csum, 0, key, sequence)
     except (struct.error, TypeError) as exc:
-        raise UsageError(f"cannot encode {header!r}: {exc}") from exc
+        raise UsageError(
+            f"cannot encode GRE header (protocol type {protocol_type!r}, key {key!r}, "
+            f"sequence {sequence!r}): {exc}"
+        ) from exc
 
 
 def encode(header: GreHeader, payload: Buffer) -> bytes:
@@ -196,6 +209,15 @@ def decode(data: Buffer, verify_checksum: bool = True) -> tuple[GreHeader, memor
     present and ``verify_checksum``. Reserved bits 6-12 and Reserved1 are ignored, as RFC 2784
     requires. The protocol type is not checked: that is the caller's business.
     """
+    protocol_type, key, sequence, checksum, payload = parse(data, verify_checksum)
+    return GreHeader(protocol_type, key, sequence, checksum), payload
+
+
+def parse(
+    data: Buffer, verify_checksum: bool = True
+) -> tuple[int, int | None, int | None, bool, memoryview]:
+    """``decode`` as a plain tuple (protocol type, key, sequence, checksum, payload), for the
+    per-datagram hot path where building a frozen dataclass would cost more than the parse."""
     view = data if isinstance(data, memoryview) else memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -227,7 +249,7 @@ def decode(data: Buffer, verify_checksum: bool = True) -> tuple[GreHeader, memor
                 _, _, _, _, key = _unpack_hhhhi(view)
         elif has_seq:
             _, _, _, _, sequence = _unpack_hhhhi(view)
-        return GreHeader(protocol_type, key, sequence, True), view[hlen:]
+        return protocol_type, key, sequence, True, view[hlen:]
     if has_key:
         if has_seq:
             _, _, key, sequence = _unpack_hhii(view)
@@ -235,7 +257,7 @@ def decode(data: Buffer, verify_checksum: bool = True) -> tuple[GreHeader, memor
             _, _, key = _unpack_hhi(view)
     elif has_seq:
         _, _, sequence = _unpack_hhi(view)
-    return GreHeader(protocol_type, key, sequence, False), view[hlen:]
+    return protocol_type, key, sequence, False, view[hlen:]
 
 
 def _checksum_error(view: memoryview) -> str:

@@ -139,7 +139,7 @@ class Encoder:
     # -- batching ---------------------------------------------------------------------------
 
     def _reset_batch(self) -> None:
-        self._parts: list[bytes] = [b"", self._shb]  # GRE header goes first, at flush
+        self._parts: list[bytes] = [self._shb]  # the GRE header goes first, at flush
         self._local: dict[int, int] = {}
         self._blocks: list[bytes] = []
         self._size = len(self._shb)
@@ -228,13 +228,14 @@ class Encoder:
         return out
 
     def _datagram(self, parts: list[bytes]) -> bytes:
-        header = gre.GreHeader(self.protocol_type, self.stream_id, self.sequence, self.checksum)
-        self.sequence = (self.sequence + 1) & 0xFFFFFFFF
+        seq = self.sequence
+        self.sequence = (seq + 1) & 0xFFFFFFFF
         if self.checksum:
             payload = b"".join(parts)
-            dgram = gre.encode_header(header, payload) + payload
+            header = gre.pack_header(self.protocol_type, self.stream_id, seq, True, payload)
+            dgram = header + payload
         else:
-            parts = [gre.encode_header(header), *parts]
+            parts[0:0] = (gre.pack_header(self.protocol_type, self.stream_id, seq),)
             dgram = b"".join(parts)
         self.stats.datagrams += 1
         self.stats.bytes += len(dgram)
@@ -242,7 +243,7 @@ class Encoder:
 
     def _flush_batch(self) -> bytes:
         self._parts += self._blocks
-        dgram = self._datagram(self._parts[1:])
+        dgram = self._datagram(self._parts)
         self._reset_batch()
         return dgram
 
@@ -395,6 +396,7 @@ class Decoder:
         self.malformed = 0
         self.evicted_streams = 0
         self.streams: OrderedDict[Stream, _StreamState] = OrderedDict()
+        self._stream_names: dict[tuple[str, int | None], Stream] = {}
         self._sections = SectionDecoder()
         self._section_info: dict[int, tuple[Section, str, str | None]] = {}
         self._pending: OrderedDict[tuple, _Reassembly] = OrderedDict()
@@ -420,12 +422,12 @@ class Decoder:
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one datagram payload (GRE header onwards)."""
         try:
-            header, payload = gre.decode(data, self.verify_checksum)
+            ptype, key, seq, _, payload = gre.parse(data, self.verify_checksum)
         except MalformedReport as exc:
             self._malformed(str(exc), source)
             return
-        if self.protocol_type is not None and header.protocol_type != self.protocol_type:
-            self._malformed(f"GRE protocol type 0x{header.protocol_type:04x}", source)
+        if self.protocol_type is not None and ptype != self.protocol_type:
+            self._malformed(f"GRE protocol type 0x{ptype:04x}", source)
             return
         try:
             section, ifaces, packets, custom = self._sections.decode(payload)
@@ -439,9 +441,12 @@ class Decoder:
             if len(self._section_info) > 4096:
                 self._section_info.clear()
             self._section_info[id(section)] = info
-        stream = Stream(info[1], header.key or 0)
+        stream = self._stream_names.get((info[1], key))
+        if stream is None:
+            if len(self._stream_names) > 4 * self.max_streams:
+                self._stream_names.clear()
+            stream = self._stream_names[(info[1], key)] = Stream(info[1], key or 0)
         state = self._state(stream, info[2])
-        seq = header.sequence
         if seq is not None and not self._track(stream, state, seq):
             return
         stats = state.stats

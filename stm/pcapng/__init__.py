@@ -78,6 +78,4 @@ def _pump(reader: Reader, f: BinaryIO, chunk_size: int) -> Iterator[Event]:
 
 def read(source: str | os.PathLike | BinaryIO | bytes, **kwargs) -> Iterator[Packet]:
     """The packets of a capture, in file order."""
-    for event in read_events(source, **kwargs):
-        if isinstance(event, Packet):
-            yield event
+    return (e for e in read_events(source, **kwargs) if type(e) is Packet)

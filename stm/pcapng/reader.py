@@ -55,6 +55,7 @@ _S = {
         "I": struct.Struct(bo + "I"),
         "II": struct.Struct(bo + "II"),
         "epb": struct.Struct(bo + "IIIII"),
+        "epb7": struct.Struct(bo + "IIIIIII"),
         "pb": struct.Struct(bo + "HHIIII"),
         "idb": struct.Struct(bo + "HHI"),
         "shb": struct.Struct(bo + "HHq"),
@@ -137,8 +138,20 @@ class Reader:
             raise
 
     def __iter__(self) -> Iterator[Event]:
-        while (event := self.next_event()) is not None:
-            yield event
+        """Every event parseable from the bytes fed so far (one generator, for speed)."""
+        if self._error is not None:
+            raise self._error
+        gen, self._gen = self._gen or self._parse(), None
+        try:
+            yield from gen
+        except MalformedPcapng as exc:
+            self._error = exc
+            raise
+        if self._eof and self._off < len(self._buf):
+            self._fail(
+                f"truncated: {len(self._buf) - self._off} bytes left at the end of input",
+                self.offset,
+            )
 
     def _fail(self, message: str, offset: int):
         self._error = MalformedPcapng(message, offset)
@@ -177,9 +190,34 @@ class Reader:
         bo = section.byte_order if section else "<"
         s = _S[bo]
         hdr, u32, epb = s["II"], s["I"], s["epb"]
+        epb7 = s["epb7"]
         ifaces = self.interfaces
         raw = self.raw_packets
         while off + 12 <= n:
+            if off + 28 <= n and not raw:
+                # Optimistic: read an EPB's fixed fields in one go; most blocks are EPBs.
+                btype, blen, ifid, hi, lo, caplen, origlen = epb7.unpack_from(buf, off)
+                end = off + blen
+                if (
+                    btype == c.EPB
+                    and 32 <= blen <= limit
+                    and not blen & 3
+                    and end <= n
+                    and u32.unpack_from(buf, end - 4)[0] == blen
+                    and off + 28 + caplen <= end - 4
+                    and ifid < len(ifaces)
+                ):
+                    dend = off + 28 + caplen
+                    pkt = Packet(ifaces[ifid], (hi << 32) | lo, mv[off + 28 : dend], origlen)
+                    if dend + (-caplen & 3) < end - 4:
+                        _with_options(
+                            pkt,
+                            decode_options(mv, dend + (-caplen & 3), end - 4, bo, EPB_KINDS, base),
+                        )
+                    off = end
+                    self._off = off
+                    yield pkt
+                    continue
             btype = _LE_U32.unpack_from(buf, off)[0]
             if btype == c.SHB:
                 magic = _LE_U32.unpack_from(buf, off + 8)[0]
@@ -190,7 +228,7 @@ class Reader:
                 else:
                     self._fail(f"unknown byte-order magic 0x{magic:08x}", base + off)
                 s = _S[bo]
-                hdr, u32, epb = s["II"], s["I"], s["epb"]
+                hdr, u32, epb, epb7 = s["II"], s["I"], s["epb"], s["epb7"]
             btype, blen = hdr.unpack_from(buf, off)
             if blen & 3:
                 self._fail(f"block length {blen} is not a multiple of 4", base + off)
