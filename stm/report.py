@@ -248,8 +248,8 @@ class Encoder:
         return dgram
 
     def poll(self, now: float) -> list[bytes]:
-        """The pending batch, if it has lingered long enough."""
-        if self._first is not None and now - self._first >= self.linger:
+        """The pending batch, if it has lingered long enough (``now >= deadline()``)."""
+        if self._first is not None and now >= self._first + self.linger:
             return [self._flush_batch()]
         return []
 
@@ -360,13 +360,16 @@ class StreamStats:
 
 
 class _StreamState:
-    __slots__ = ("seen", "seen_order", "session", "stats", "top")
+    """Sequence state: the highest number seen and a bitmap of the ``window`` numbers below it
+    (bit k set = ``top - k`` arrived), as IPsec's anti-replay window does."""
+
+    __slots__ = ("mask", "session", "span", "stats", "top")
 
     def __init__(self, session: str | None) -> None:
         self.session = session
         self.top: int | None = None
-        self.seen: set[int] = set()
-        self.seen_order: deque[int] = deque()
+        self.mask = 0
+        self.span = 0  # numbers from the first one seen up to top, at most the window
         self.stats = StreamStats()
 
 
@@ -480,39 +483,39 @@ class Decoder:
 
     def _track(self, stream: Stream, state: _StreamState, seq: int) -> bool:
         """Sequence accounting; False when the datagram must be dropped as a duplicate."""
+        window = self.window
+        stats = state.stats
         top = state.top
         if top is not None:
             d = gre.seq_diff(seq, top)
-            if d <= 0:
-                if seq in state.seen:
-                    state.stats.duplicates += 1
+            if d > 0:
+                if d > 1:
+                    stats.lost += d - 1
+                    self._events.append(Gap(stream, d - 1, seq))
+                state.top = seq
+                state.mask = ((state.mask << d) | 1) & ((1 << window) - 1) if d < window else 1
+                state.span = min(window, state.span + d)
+                return True
+            k = -d
+            if k < window:
+                bit = 1 << k
+                if state.mask & bit:
+                    stats.duplicates += 1
                     self._events.append(Duplicate(stream, seq))
                     return False
-                if -d < self.window:
-                    state.stats.reordered += 1
-                    state.stats.lost -= 1
-                    self._events.append(Reordered(stream, seq))
-                    self._mark(state, seq)
-                    return True
-                # Far behind with the same session: the producer lost its counter; start over.
-                state.top = None
-                state.seen.clear()
-                state.seen_order.clear()
-                state.stats.restarts += 1
-                self._events.append(Restarted(stream))
-            elif d > 1:
-                state.stats.lost += d - 1
-                self._events.append(Gap(stream, d - 1, seq))
-        if state.top is None or gre.seq_diff(seq, state.top) > 0:
-            state.top = seq
-        self._mark(state, seq)
+                state.mask |= bit
+                stats.reordered += 1
+                if k < state.span:
+                    stats.lost -= 1  # it was counted in a gap; older than the first one was not
+                self._events.append(Reordered(stream, seq))
+                return True
+            # Far behind with the same session: the producer lost its counter; start over.
+            stats.restarts += 1
+            self._events.append(Restarted(stream))
+        state.top = seq
+        state.mask = 1
+        state.span = 1
         return True
-
-    def _mark(self, state: _StreamState, seq: int) -> None:
-        state.seen.add(seq)
-        state.seen_order.append(seq)
-        if len(state.seen_order) > self.window:
-            state.seen.discard(state.seen_order.popleft())
 
     # -- fragments ------------------------------------------------------------------------
 
@@ -539,6 +542,9 @@ class Decoder:
         piece = piece[: total - offset]  # drop the block padding past the end
         key = (stream, state.session, pid)
         entry = self._pending.get(key)
+        if entry is None and total > self.max_pending_bytes:
+            self._malformed(f"fragmented packet of {total} bytes is over the pending limit", source)
+            return None
         if entry is None:
             self._expire_for(total)
             entry = _Reassembly(total, now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import BinaryIO
 
+from stm.errors import UsageError
 from stm.pcapng import constants as c
 from stm.pcapng.records import Interface, Packet
 from stm.pcapng.writer import Writer
@@ -37,16 +38,17 @@ class PcapngSink:
         self.max_interfaces = max_interfaces
         self.packets = 0
         self.rejected = 0
-        self._by_object: dict[int, tuple[Interface, int]] = {}
+        self._by_object: dict[tuple[int, int], tuple[Interface, Stream, int]] = {}
         self._by_content: dict[tuple, int] = {}
         self._stream_ifaces: dict[Stream, list[int]] = {}
         self._lost: dict[Stream, int] = {}
         self._last_flush = time.monotonic()
 
     def _ifid(self, stream: Stream, iface: Interface) -> int | None:
-        entry = self._by_object.get(id(iface))
-        if entry is not None and entry[0] is iface:
-            return entry[1]
+        # Identical IDBs of two producers decode to one cached object: key on both.
+        entry = self._by_object.get((id(iface), id(stream)))
+        if entry is not None and entry[0] is iface and entry[1] is stream:
+            return entry[2]
         source = stm_options(iface.options).get("if", str(iface.id))
         options = without_stm_options(iface.options)
         key = (stream, source, iface.linktype, iface.snaplen, options)
@@ -55,14 +57,17 @@ class PcapngSink:
             if len(self._by_content) >= self.max_interfaces:
                 return None
             name = f"{stream.producer}/{stream.key}/{iface.name or 'if' + source}"
-            ifid = self.writer.copy_interface(
-                Interface(iface.linktype, iface.snaplen, options), name=name
-            )
+            try:
+                ifid = self.writer.copy_interface(
+                    Interface(iface.linktype, iface.snaplen, options), name=name
+                )
+            except UsageError:
+                return None  # e.g. an if_tsresol no file can hold: its packets are rejected
             self._by_content[key] = ifid
             self._stream_ifaces.setdefault(stream, []).append(ifid)
         if len(self._by_object) > 4096:
             self._by_object.clear()
-        self._by_object[id(iface)] = (iface, ifid)
+        self._by_object[(id(iface), id(stream))] = (iface, stream, ifid)
         return ifid
 
     def write(self, stream: Stream, packets: list[Packet], now: float | None = None) -> None:
@@ -75,13 +80,9 @@ class PcapngSink:
                 continue
             ts = pkt.ts
             if ts is None:
-                iface = w.interfaces[ifid]
-                ts = int((time.time() if now is None else now) * iface.units) - (
-                    iface.tsoffset * iface.units
-                )
                 w.write_packet(
                     ifid,
-                    max(ts, 0),
+                    _ticks(w.interfaces[ifid], time.time() if now is None else now),
                     pkt.data,
                     origlen=pkt.origlen,
                     options=(ARRIVAL_TIME,),
@@ -98,22 +99,22 @@ class PcapngSink:
                 )
             self.packets += 1
 
-    def loss(self, stream: Stream, missing: int, now: float | None = None) -> None:
-        """Record ``missing`` lost datagrams of ``stream`` as an ISB on each of its interfaces."""
-        total = self._lost.get(stream, 0) + missing
-        self._lost[stream] = total
+    def loss(self, stream: Stream, lost: int, now: float | None = None) -> None:
+        """Record that ``lost`` datagrams of ``stream`` are missing so far (net of late
+        arrivals), as an ISB on each of its interfaces."""
+        if self._lost.get(stream) == lost:
+            return
+        self._lost[stream] = lost
         wall = time.time() if now is None else now
         for ifid in self._stream_ifaces.get(stream, ()):
-            iface = self.writer.interfaces[ifid]
-            ts = max(int((wall - iface.tsoffset) * iface.units), 0)
             self.writer.write_statistics(
                 ifid,
-                ts,
+                _ticks(self.writer.interfaces[ifid], wall),
                 [
-                    (c.ISB_IFDROP, total),
+                    (c.ISB_IFDROP, max(lost, 0)),
                     (
                         c.OPT_COMMENT,
-                        f"stm: {total} report datagram(s) of stream {stream} lost so far "
+                        f"stm: {lost} report datagram(s) of stream {stream} lost so far "
                         "(sequence gaps; each carried one or more packets)",
                     ),
                 ],
@@ -129,3 +130,9 @@ class PcapngSink:
 
     def close(self) -> None:
         self.flush()
+
+
+def _ticks(iface: Interface, wall: float) -> int:
+    """Wall-clock seconds in an interface's ticks, clamped to what a block can hold."""
+    ticks = int((wall - iface.tsoffset) * iface.units)
+    return min(max(ticks, 0), (1 << 64) - 1)

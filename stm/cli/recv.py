@@ -80,7 +80,7 @@ class Collector:
             if type(ev) is Packets:
                 sink.write(ev.stream, ev.packets)
             elif isinstance(ev, Gap):
-                sink.loss(ev.stream, ev.missing)
+                sink.loss(ev.stream, self.decoder.stats(ev.stream).lost)
                 log.info(
                     "stream %s: %d report(s) missing before #%d", ev.stream, ev.missing, ev.sequence
                 )
