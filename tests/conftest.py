@@ -1,4 +1,4 @@
-"""Shared fixtures: where the shared test captures live."""
+"""Shared pytest fixtures."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
-    """``../shared/corpus`` beside the checkout (or ``$STM_CORPUS``); skip when absent."""
-    path = Path(os.environ.get("STM_CORPUS", REPO.parent / "shared" / "corpus"))
+    """The shared capture corpus: ``$STM_CORPUS``, else ``shared/corpus`` beside the project."""
+    env = os.environ.get("STM_CORPUS")
+    path = Path(env) if env else Path(__file__).parents[1].parent / "shared" / "corpus"
     if not path.is_dir():
-        pytest.skip(f"shared test corpus not found at {path} (set STM_CORPUS)")
+        pytest.skip(f"shared capture corpus not found at {path} (set STM_CORPUS to its folder)")
     return path

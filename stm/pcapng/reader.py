@@ -313,6 +313,11 @@ class Reader:
             if blen < 16:
                 self._fail(f"simple packet block of {blen} bytes is too short", self._base + off)
             ifid = 0
+            if self.interfaces:
+                origlen = s["I"].unpack_from(buf, off + 8)[0]
+                snaplen = self.interfaces[0].snaplen
+                if (min(origlen, snaplen) if snaplen else origlen) > blen - 16:
+                    self._fail("simple packet block is too short for its packet", self._base + off)
         if ifid >= len(self.interfaces):
             self._fail(f"packet names interface {ifid}, which does not exist", self._base + off)
 
@@ -357,9 +362,10 @@ class Reader:
             need(16, "simple packet block")
             origlen = s["I"].unpack_from(mv, body)[0]
             interface = iface(0)
-            caplen = min(origlen, tail - body - 4)
-            if interface.snaplen:
-                caplen = min(caplen, interface.snaplen)
+            # An SPB has no captured length: it is min(origlen, snaplen), and must fit.
+            caplen = min(origlen, interface.snaplen) if interface.snaplen else origlen
+            if caplen > tail - body - 4:
+                self._fail(f"simple packet block is too short for {caplen} bytes", base + off)
             return Packet(interface, None, mv[body + 4 : body + 4 + caplen], origlen, block=c.SPB)
         if btype == c.PB:
             need(32, "packet block")

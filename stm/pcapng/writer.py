@@ -145,6 +145,12 @@ class Writer:
         if ts is None:
             if interface_id != 0 or flags is not None or comments or options:
                 raise UsageError("a packet without timestamp can only be an SPB on interface 0")
+            snaplen = self.interfaces[0].snaplen
+            if len(data) != (min(origlen, snaplen) if snaplen else origlen):
+                raise UsageError(
+                    "an SPB's captured length is min(original length, snaplen): "
+                    f"{len(data)} bytes do not fit original length {origlen}, snaplen {snaplen}"
+                )
             self._put(enc.spb(bo, data, origlen))
         else:
             if not 0 <= ts <= _MAX_TS:
