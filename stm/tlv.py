@@ -58,7 +58,6 @@ __all__ = [
     "STM_VALUE_TYPES",
     "STM_VENDOR",
     "Chunk",
-    "Direction",
     "HepChunk",
     "HepProto",
     "HepVendor",
@@ -275,16 +274,16 @@ class StmChunk(enum.IntEnum):
                                 in those units (the EPB high:low pair), i64 if_tsoffset
                                 seconds; holds any pcapng value exactly
     0x5305  ORIGINAL_LENGTH     u32: frame length on the wire (EPB original length)
-    0x5306  INTERFACE_NAME      utf-8: if_name
-    0x5307  PRODUCER            utf-8: name/version of the capturing software
-    0x5308  DIRECTION           u8: 0 unknown, 1 inbound, 2 outbound (see Direction)
-    0x5309  STREAM_ID           u32: sender's stream (capture session) ID
-    0x530A  SEQUENCE            u32: per-stream sequence number
+    0x5306  INTERFACE           u32 snaplen, then the pcapng IDB option list (if_name,
+                                if_tsresol, ..., stm's ``if=N``), all big-endian
+    0x5307  PRODUCER            utf-8: the producer (NF) name
+    0x5308  SESSION             8 bytes: random per sender start, to tell restarts from loss
+    0x5309  STREAM_ID           u32: sender's stream ID (as the GRE key of format A)
+    0x530A  SEQUENCE            u32: per-stream sequence number of the message
     0x530B  COMMENT             utf-8: opt_comment; repeatable
     0x530C  FLAGS               u32: pcapng epb_flags
     0x530D  FRAGMENT            u32 packet ID, u32 offset, u32 total length, then bytes
-    0x530E  INTERFACE_OPTIONS   bytes: raw pcapng IDB option list
-    0x530F  PACKET_OPTIONS      bytes: raw pcapng EPB option list
+    0x530F  PACKET_OPTIONS      bytes: the other EPB options, as a big-endian option list
     ======  ==================  ==========================================================
     """
 
@@ -293,15 +292,14 @@ class StmChunk(enum.IntEnum):
     LINKTYPE = 0x5303
     TIMESTAMP = 0x5304
     ORIGINAL_LENGTH = 0x5305
-    INTERFACE_NAME = 0x5306
+    INTERFACE = 0x5306
     PRODUCER = 0x5307
-    DIRECTION = 0x5308
+    SESSION = 0x5308
     STREAM_ID = 0x5309
     SEQUENCE = 0x530A
     COMMENT = 0x530B
     FLAGS = 0x530C
     FRAGMENT = 0x530D
-    INTERFACE_OPTIONS = 0x530E
     PACKET_OPTIONS = 0x530F
 
 
@@ -311,26 +309,17 @@ STM_VALUE_TYPES: dict[int, ValueType] = {
     StmChunk.LINKTYPE: ValueType.U16,
     StmChunk.TIMESTAMP: ValueType.STM_TIMESTAMP,
     StmChunk.ORIGINAL_LENGTH: ValueType.U32,
-    StmChunk.INTERFACE_NAME: ValueType.UTF8,
+    StmChunk.INTERFACE: ValueType.BYTES,
     StmChunk.PRODUCER: ValueType.UTF8,
-    StmChunk.DIRECTION: ValueType.U8,
+    StmChunk.SESSION: ValueType.BYTES,
     StmChunk.STREAM_ID: ValueType.U32,
     StmChunk.SEQUENCE: ValueType.U32,
     StmChunk.COMMENT: ValueType.UTF8,
     StmChunk.FLAGS: ValueType.U32,
     StmChunk.FRAGMENT: ValueType.STM_FRAGMENT,
-    StmChunk.INTERFACE_OPTIONS: ValueType.BYTES,
     StmChunk.PACKET_OPTIONS: ValueType.BYTES,
 }
 """Value layout of each STM chunk type."""
-
-
-class Direction(enum.IntEnum):
-    """Values of the STM DIRECTION chunk (the low two bits of pcapng epb_flags)."""
-
-    UNKNOWN = 0
-    INBOUND = 1
-    OUTBOUND = 2
 
 
 # Precompiled structs: encode/decode only pick one and pack or unpack it.

@@ -33,7 +33,6 @@ from stm.tlv import (
     STM_VALUE_TYPES,
     STM_VENDOR,
     Chunk,
-    Direction,
     HepChunk,
     HepProto,
     HepVendor,
@@ -208,19 +207,19 @@ def test_generic_sip_message_by_hand() -> None:
 
 def test_stm_chunks_by_hand() -> None:
     wire = bytes.fromhex(
-        "48455033 0043"  # 6 + 8 + 23 + 12 + 11 + 7 = 67
+        "48455033 0046"  # 6 + 8 + 23 + 12 + 11 + 10 = 70
         "5354 5303 0008 0001"  # LINKTYPE 1 (Ethernet)
         "5354 5304 0017 09 ffffffffffffffff 8000000000000000"  # TIMESTAMP 10**-9, max, min
         "5354 530b 000c 6869 c3a9 2121"  # COMMENT "hié!!" (6 bytes of UTF-8)
         "5354 530b 000b 616761696e"  # COMMENT "again"
-        "5354 5308 0007 02"  # DIRECTION outbound
+        "5354 530c 000a 00000002"  # FLAGS: outbound
     )
     chunks = [
         stm_chunk(StmChunk.LINKTYPE, 1),
         StmTimestamp(9, 2**64 - 1, -(2**63)).to_chunk(),
         stm_chunk(StmChunk.COMMENT, "hié!!"),
         stm_chunk(StmChunk.COMMENT, "again"),
-        stm_chunk(StmChunk.DIRECTION, Direction.OUTBOUND),
+        stm_chunk(StmChunk.FLAGS, 2),
     ]
     assert encode_message(chunks) == wire
     message = decode_message(wire)
@@ -230,7 +229,7 @@ def test_stm_chunks_by_hand() -> None:
         2**64 - 1,
         -(2**63),
     )
-    assert typed_value(message.get(STM_VENDOR, StmChunk.DIRECTION)) == Direction.OUTBOUND
+    assert typed_value(message.get(STM_VENDOR, StmChunk.FLAGS)) == 2
 
 
 def test_registry_numbers() -> None:

@@ -1,0 +1,50 @@
+"""STM reports: format A (UDP-GRE-pcapng) and format B (generic TLV, HEP3 profile).
+
+Sans-IO encoders (packets in, report payloads out) and decoders (payloads in, events out);
+see ``gre_pcapng`` and ``hep``. Both decoders share per-stream accounting (``streams``)
+and emit the events of ``events``.
+"""
+
+from stm.report.common import (
+    STM_PEN,
+    EncoderStats,
+    stm_option,
+    stm_options,
+    stream_id_for,
+    without_stm_options,
+)
+from stm.report.events import (
+    Duplicate,
+    Event,
+    FragmentsExpired,
+    Gap,
+    Malformed,
+    Packets,
+    Reordered,
+    Restarted,
+    Stream,
+    StreamStats,
+)
+from stm.report.gre_pcapng import FRAGMENT_KIND, Decoder, Encoder
+
+__all__ = [
+    "FRAGMENT_KIND",
+    "STM_PEN",
+    "Decoder",
+    "Duplicate",
+    "Encoder",
+    "EncoderStats",
+    "Event",
+    "FragmentsExpired",
+    "Gap",
+    "Malformed",
+    "Packets",
+    "Reordered",
+    "Restarted",
+    "Stream",
+    "StreamStats",
+    "stm_option",
+    "stm_options",
+    "stream_id_for",
+    "without_stm_options",
+]

@@ -1,0 +1,295 @@
+"""Format A, UDP-GRE-pcapng: the sans-IO encoder and decoder.
+
+Encoder: packets in, datagram payloads (GRE header + one self-contained pcapng section) out.
+Each payload holds an SHB naming the producer, the IDBs its packets use and as many whole
+EPBs as fit the path MTU, so every datagram decodes alone, in any order. A packet too big
+for one datagram is split into fragments carried in pcapng custom blocks, or truncated, or
+dropped (``oversize``). The caller passes the time, so linger and timeouts need no clock.
+
+Decoder: datagram payloads in, events out, in the style of h11: ``receive_datagram()`` then
+``next_event()`` (see ``stm.report.events``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from stm import __version__, gre
+from stm.errors import MalformedPcapng, MalformedReport, UsageError
+from stm.pcapng import constants as c
+from stm.pcapng import encode as enc
+from stm.pcapng.records import CustomBlock, Interface, Packet, Section
+from stm.pcapng.section import SectionDecoder
+from stm.pcapng.writer import HOST_ORDER
+from stm.report.common import (
+    IPV4_HEADER,
+    MAX_UDP_PAYLOAD,
+    OVERSIZE_POLICIES,
+    STM_PEN,
+    UDP_HEADER,
+    EncoderStats,
+    Oversize,
+    stm_option,
+    stm_options,
+    stream_id_for,
+    without_stm_options,
+)
+from stm.report.events import Packets
+from stm.report.streams import StreamDecoder
+
+FRAGMENT_KIND = 1  # kind of stm custom block: a piece of a packet block too big for a datagram
+_FRAG = {bo: struct.Struct(bo + "IHHIII") for bo in "<>"}  # pen, kind, 0, id, offset, total
+_FRAG_HEADER = 20
+_CB_OVERHEAD = 12 + _FRAG_HEADER
+
+
+class Encoder:
+    """Packets in, format-A datagram payloads (what goes after the UDP header) out."""
+
+    def __init__(
+        self,
+        producer: str,
+        stream_id: int | None = None,
+        *,
+        mtu: int = 1500,
+        ip_header: int = IPV4_HEADER,
+        linger: float = 0.005,
+        oversize: Oversize = "fragment",
+        checksum: bool = False,
+        protocol_type: int = gre.STM_PROTOCOL_TYPE,
+        byte_order: str | None = None,
+        session: int | None = None,
+        sequence: int = 0,
+    ) -> None:
+        if oversize not in OVERSIZE_POLICIES:
+            raise UsageError(f"oversize must be fragment, truncate or drop, not {oversize!r}")
+        self.producer = producer
+        self.stream_id = stream_id_for(producer) if stream_id is None else stream_id
+        if not 0 <= self.stream_id <= 0xFFFFFFFF:
+            raise UsageError(f"stream ID {stream_id} does not fit 32 bits")
+        self.session = int.from_bytes(os.urandom(8), "big") if session is None else session
+        self.oversize = oversize
+        self.linger = linger
+        self.checksum = checksum
+        self.protocol_type = protocol_type
+        self.bo = byte_order or HOST_ORDER
+        self.sequence = sequence & 0xFFFFFFFF
+        self.stats = EncoderStats()
+        self._gre_len = 16 if checksum else 12
+        self.budget = min(mtu - ip_header - UDP_HEADER, MAX_UDP_PAYLOAD) - self._gre_len
+        self._shb = enc.shb(
+            self.bo,
+            [
+                (c.SHB_USERAPPL, f"stm {__version__}"),
+                stm_option("producer", producer),
+                stm_option("session", f"{self.session:016x}"),
+            ],
+        )
+        if self.budget < len(self._shb) + 64 + _CB_OVERHEAD + 64:
+            raise UsageError(f"MTU {mtu} leaves no room for a report")
+        self._known: dict[int, tuple[Interface, int, bytes]] = {}
+        self._by_content: dict[Interface, int] = {}
+        self._reset_batch()
+        self._next_packet_id = 0
+
+    # -- batching ---------------------------------------------------------------------------
+
+    def _reset_batch(self) -> None:
+        self._parts: list[bytes] = [self._shb]  # the GRE header goes first, at flush
+        self._local: dict[int, int] = {}
+        self._blocks: list[bytes] = []
+        self._size = len(self._shb)
+        self._first: float | None = None
+
+    def _interface(self, iface: Interface) -> tuple[Interface, int, bytes]:
+        entry = self._known.get(id(iface))
+        if entry is not None and entry[0] is iface:
+            return entry
+        index = self._by_content.setdefault(iface, len(self._by_content))
+        options = (*without_stm_options(iface.options), stm_option("if", str(index)))
+        entry = (iface, index, enc.idb(self.bo, iface.linktype, iface.snaplen, options))
+        if len(self._known) > 4096:
+            self._known.clear()
+        self._known[id(iface)] = entry
+        return entry
+
+    def add(self, packet: Packet, now: float) -> list[bytes]:
+        """Take one packet; return the datagrams that became ready (often none)."""
+        _, index, idb = self._interface(packet.interface)
+        self.stats.packets += 1
+        data = packet.data
+        bo = self.bo
+        opts = (
+            enc.packet_options(bo, packet.flags, packet.comments, packet.options)
+            if packet.flags is not None or packet.comments or packet.options
+            else b""
+        )
+        n = len(data)
+        spb = packet.ts is None
+        blen = (16 + n + (-n & 3)) if spb else (32 + n + (-n & 3) + len(opts))
+        local = self._local.get(index)
+        need = blen if local is not None else blen + len(idb)
+        out: list[bytes] = []
+        if self._size + need > self.budget or (spb and local != 0 and self._local):
+            if self._blocks:
+                out.append(self._flush_batch())
+            need = blen + len(idb)
+            local = None
+            if self._size + need > self.budget:
+                return out + self._oversize(packet, idb, opts)
+        if local is None:
+            local = len(self._local)
+            self._local[index] = local
+            self._parts.append(idb)
+        if spb:
+            self._blocks.append(enc.spb(bo, data, packet.origlen))
+        else:
+            self._blocks.append(enc.epb(bo, local, packet.ts, data, packet.origlen, opts))
+        self._size += need
+        if self._first is None:
+            self._first = now
+        return out
+
+    def _oversize(self, packet: Packet, idb: bytes, opts: bytes) -> list[bytes]:
+        bo = self.bo
+        if self.oversize == "drop":
+            self.stats.dropped += 1
+            return []
+        if self.oversize == "truncate" and packet.ts is not None:
+            room = self.budget - len(self._shb) - len(idb) - 32
+            if len(opts) > room // 2:
+                opts = b""  # comments too long to keep: the packet bytes matter more
+            room = (room - len(opts)) & ~3
+            self.stats.truncated += 1
+            block = enc.epb(bo, 0, packet.ts, packet.data[:room], packet.origlen, opts)
+            return [self._datagram([self._shb, idb, block])]
+        # Fragment (SPBs are always fragmented: an SPB cannot say it was truncated).
+        self.stats.fragmented += 1
+        if packet.ts is None:
+            block = enc.spb(bo, packet.data, packet.origlen)
+        else:
+            block = enc.epb(bo, 0, packet.ts, packet.data, packet.origlen, opts)
+        piece = (self.budget - len(self._shb) - len(idb) - _CB_OVERHEAD) & ~3
+        pid = self._next_packet_id
+        self._next_packet_id = (pid + 1) & 0xFFFFFFFF
+        total = len(block)
+        view = memoryview(block)
+        frag = _FRAG[bo]
+        out = []
+        for offset in range(0, total, piece):
+            chunk = view[offset : offset + piece]
+            body = frag.pack(STM_PEN, FRAGMENT_KIND, 0, pid, offset, total) + bytes(chunk)
+            body += enc.PAD[len(body) & 3]
+            out.append(self._datagram([self._shb, idb, enc.block(bo, c.CB_NOCOPY, body)]))
+        return out
+
+    def _datagram(self, parts: list[bytes]) -> bytes:
+        seq = self.sequence
+        self.sequence = (seq + 1) & 0xFFFFFFFF
+        if self.checksum:
+            payload = b"".join(parts)
+            header = gre.pack_header(self.protocol_type, self.stream_id, seq, True, payload)
+            dgram = header + payload
+        else:
+            parts[0:0] = (gre.pack_header(self.protocol_type, self.stream_id, seq),)
+            dgram = b"".join(parts)
+        self.stats.datagrams += 1
+        self.stats.bytes += len(dgram)
+        return dgram
+
+    def _flush_batch(self) -> bytes:
+        self._parts += self._blocks
+        dgram = self._datagram(self._parts)
+        self._reset_batch()
+        return dgram
+
+    def poll(self, now: float) -> list[bytes]:
+        """The pending batch, if it has lingered long enough (``now >= deadline()``)."""
+        if self._first is not None and now >= self._first + self.linger:
+            return [self._flush_batch()]
+        return []
+
+    def deadline(self) -> float | None:
+        """When ``poll`` will next have something to flush."""
+        return None if self._first is None else self._first + self.linger
+
+    def flush(self) -> list[bytes]:
+        """Everything pending, now (end of input)."""
+        return [self._flush_batch()] if self._blocks else []
+
+
+class Decoder(StreamDecoder):
+    """Format-A datagram payloads in; events out. Limits are those of ``StreamDecoder``."""
+
+    def __init__(
+        self,
+        *,
+        protocol_type: int | None = gre.STM_PROTOCOL_TYPE,
+        verify_checksum: bool = True,
+        **limits,
+    ) -> None:
+        super().__init__(**limits)
+        self.protocol_type = protocol_type
+        self.verify_checksum = verify_checksum
+        self._sections = SectionDecoder()
+        self._section_info: dict[int, tuple[Section, str, str | None]] = {}
+
+    def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
+        """Decode one datagram payload (GRE header onwards)."""
+        try:
+            ptype, key, seq, _, payload = gre.parse(data, self.verify_checksum)
+        except MalformedReport as exc:
+            self._malformed(str(exc), source)
+            return
+        if self.protocol_type is not None and ptype != self.protocol_type:
+            self._malformed(f"GRE protocol type 0x{ptype:04x}", source)
+            return
+        try:
+            section, ifaces, packets, custom = self._sections.decode(payload)
+        except MalformedPcapng as exc:
+            self._malformed(f"bad pcapng payload: {exc}", source)
+            return
+        info = self._section_info.get(id(section))
+        if info is None or info[0] is not section:
+            opts = stm_options(section.options)
+            info = (section, opts.get("producer", ""), opts.get("session"))
+            if len(self._section_info) > 4096:
+                self._section_info.clear()
+            self._section_info[id(section)] = info
+        stream = self._stream(info[1], key)
+        state = self._state(stream, info[2])
+        if seq is not None and not self._track(stream, state, seq):
+            return
+        stats = state.stats
+        stats.datagrams += 1
+        stats.bytes += len(data)
+        for block in custom:
+            pkt = self._fragment(stream, state, block, section, ifaces, source, now)
+            if pkt is not None:
+                packets.append(pkt)
+        if packets:
+            stats.packets += len(packets)
+            self._events.append(Packets(stream, packets, seq))
+
+    def _fragment(
+        self,
+        stream,
+        state,
+        block: CustomBlock,
+        section: Section,
+        ifaces: list[Interface],
+        source: object,
+        now: float,
+    ) -> Packet | None:
+        if block.pen != STM_PEN or len(block.data) < _FRAG_HEADER - 4:
+            return None  # someone else's custom block: not ours to interpret
+        bo = section.byte_order
+        kind, _, pid, offset, total = struct.unpack_from(bo + "HHIII", block.data)
+        if kind != FRAGMENT_KIND:
+            return None
+        if not ifaces:
+            self._malformed("fragment without an interface", source)
+            return None
+        whole = self._reassemble(stream, state, pid, offset, total, block.data[16:], source, now)
+        return None if whole is None else self._packet_from_block(whole, bo, ifaces[0], source)
