@@ -26,10 +26,12 @@ from stm.report.events import (
     StreamStats,
 )
 from stm.report.gre_pcapng import FRAGMENT_KIND, Decoder, Encoder
+from stm.report.hep import AutoDecoder, TlvDecoder, TlvEncoder
 
 __all__ = [
     "FRAGMENT_KIND",
     "STM_PEN",
+    "AutoDecoder",
     "Decoder",
     "Duplicate",
     "Encoder",
@@ -43,6 +45,8 @@ __all__ = [
     "Restarted",
     "Stream",
     "StreamStats",
+    "TlvDecoder",
+    "TlvEncoder",
     "stm_option",
     "stm_options",
     "stream_id_for",

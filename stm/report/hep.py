@@ -1,0 +1,433 @@
+"""Format B, generic TLV in the HEP3 profile: the sans-IO encoder and decoder.
+
+One message per packet. HEP's generic chunks (addresses, ports, time, protocol type,
+capture ID, payload) let any HEP receiver show the signalling; stm's chunks (vendor 0x5354:
+frame header, link type, interface, exact timestamp, lengths, flags, comments, producer,
+session, stream and sequence) let stm-recv rebuild the frame exactly. A packet too big for
+one message travels as pieces of its pcapng EPB in FRAGMENT chunks, as in format A.
+
+The decoder also takes foreign HEP3 (no stm chunks): it synthesizes a raw IPv4/IPv6 frame
+from the generic chunks, so the output still opens in Wireshark and dissects as SIP.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import struct
+
+from stm import frames
+from stm.errors import MalformedPcapng, UsageError
+from stm.pcapng import constants as c
+from stm.pcapng import encode as enc
+from stm.pcapng.options import EPB_KINDS, IDB_KINDS, decode_options, encode_options
+from stm.pcapng.records import Interface, Packet
+from stm.report.common import (
+    IPV4_HEADER,
+    MAX_UDP_PAYLOAD,
+    OVERSIZE_POLICIES,
+    UDP_HEADER,
+    EncoderStats,
+    Oversize,
+    stm_option,
+    stream_id_for,
+    without_stm_options,
+)
+from stm.report.events import Packets
+from stm.report.gre_pcapng import Decoder
+from stm.report.streams import StreamDecoder
+from stm.tlv import PROTOCOL_ID, STM_VENDOR, HepChunk, StmChunk
+
+MAX_MESSAGE = 0xFFFF
+_CH = struct.Struct("!HHH")
+_HEADER = struct.Struct("!4sH")
+_U8 = struct.Struct("!B")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+_TS = struct.Struct("!BQq")
+_FRAG = struct.Struct("!III")
+_AF = {4: 2, 6: 10}  # HEP's IP family chunk holds AF_INET / AF_INET6 (Linux numbers)
+
+
+def _chunk(vendor: int, ctype: int, value: bytes | memoryview) -> bytes:
+    return _CH.pack(vendor, ctype, 6 + len(value)) + bytes(value)
+
+
+def _g(ctype: int, value: bytes | memoryview) -> bytes:
+    return _chunk(0, ctype, value)
+
+
+def _s(ctype: int, value: bytes | memoryview) -> bytes:
+    return _chunk(STM_VENDOR, ctype, value)
+
+
+def _key(vendor: int, ctype: int) -> int:
+    return vendor << 16 | ctype
+
+
+# Decoder keys: vendor << 16 | type.
+K_FAMILY = _key(0, HepChunk.IP_FAMILY)
+K_PROTO = _key(0, HepChunk.IP_PROTO)
+K_SRC4, K_DST4 = _key(0, HepChunk.IPV4_SRC), _key(0, HepChunk.IPV4_DST)
+K_SRC6, K_DST6 = _key(0, HepChunk.IPV6_SRC), _key(0, HepChunk.IPV6_DST)
+K_SPORT, K_DPORT = _key(0, HepChunk.SRC_PORT), _key(0, HepChunk.DST_PORT)
+K_SEC, K_USEC = _key(0, HepChunk.TIMESTAMP_SEC), _key(0, HepChunk.TIMESTAMP_USEC)
+K_CAPTURE = _key(0, HepChunk.CAPTURE_ID)
+K_AUTH = _key(0, HepChunk.AUTH_KEY)
+K_PAYLOAD = _key(0, HepChunk.PAYLOAD)
+K_COMPRESSED = _key(0, HepChunk.COMPRESSED_PAYLOAD)
+S = {m.name: _key(STM_VENDOR, m) for m in StmChunk}
+
+
+class TlvEncoder:
+    """Packets in, format-B messages out (one per packet; pieces for oversize packets).
+
+    ``transport`` sets the size budget: ``udp`` keeps each message within the path MTU,
+    ``tcp`` only within the 65,535 bytes the length field can say.
+    """
+
+    def __init__(
+        self,
+        producer: str,
+        stream_id: int | None = None,
+        *,
+        mtu: int = 1500,
+        ip_header: int = IPV4_HEADER,
+        transport: str = "udp",
+        oversize: Oversize = "fragment",
+        session: bytes | None = None,
+        sequence: int = 0,
+        auth_key: bytes | None = None,
+    ) -> None:
+        if oversize not in OVERSIZE_POLICIES:
+            raise UsageError(f"oversize must be fragment, truncate or drop, not {oversize!r}")
+        self.producer = producer
+        self.stream_id = stream_id_for(producer) if stream_id is None else stream_id
+        if not 0 <= self.stream_id <= 0xFFFFFFFF:
+            raise UsageError(f"stream ID {stream_id} does not fit 32 bits")
+        self.session = os.urandom(8) if session is None else session
+        self.oversize = oversize
+        self.sequence = sequence & 0xFFFFFFFF
+        self.stats = EncoderStats()
+        limit = MAX_MESSAGE if transport == "tcp" else mtu - ip_header - UDP_HEADER
+        self.budget = min(limit, MAX_MESSAGE, MAX_UDP_PAYLOAD)
+        self._stream = b"".join(
+            (
+                _g(HepChunk.CAPTURE_ID, _U32.pack(self.stream_id)),
+                _g(HepChunk.AUTH_KEY, auth_key) if auth_key else b"",
+                _s(StmChunk.PRODUCER, producer.encode("utf-8")),
+                _s(StmChunk.SESSION, self.session),
+                _s(StmChunk.STREAM_ID, _U32.pack(self.stream_id)),
+            )
+        )
+        if self.budget < 6 + len(self._stream) + 256:
+            raise UsageError(f"MTU {mtu} leaves no room for a report")
+        self._known: dict[int, tuple[Interface, bytes]] = {}
+        self._by_content: dict[Interface, int] = {}
+        self._next_packet_id = 0
+
+    def _interface(self, iface: Interface) -> bytes:
+        """The chunks that depend on the interface only, encoded once per interface."""
+        entry = self._known.get(id(iface))
+        if entry is not None and entry[0] is iface:
+            return entry[1]
+        index = self._by_content.setdefault(iface, len(self._by_content))
+        options = (*without_stm_options(iface.options), stm_option("if", str(index)))
+        value = _U32.pack(iface.snaplen) + encode_options(options, ">", IDB_KINDS)
+        static = (
+            self._stream
+            + _s(StmChunk.LINKTYPE, _U16.pack(iface.linktype))
+            + _s(StmChunk.INTERFACE, value)
+        )
+        if len(self._known) > 4096:
+            self._known.clear()
+        self._known[id(iface)] = (iface, static)
+        return static
+
+    def _seq(self) -> bytes:
+        """The SEQUENCE chunk of the next message; ``_count`` moves the number on."""
+        return _s(StmChunk.SEQUENCE, _U32.pack(self.sequence))
+
+    def add(self, packet: Packet, now: float = 0.0) -> list[bytes]:
+        """Take one packet; return its message(s)."""
+        self.stats.packets += 1
+        static = self._interface(packet.interface)
+        message = self._message(packet, static, packet.data, packet.comments, packet.options)
+        if message is not None and len(message) <= self.budget:
+            return [self._count(message)]
+        if self.oversize == "drop":
+            self.stats.dropped += 1
+            return []
+        if self.oversize == "truncate" and packet.ts is not None:
+            # Everything but the frame bytes, measured on an empty frame, sets what is left.
+            bare = self._message(packet, static, b"", (), ())
+            if bare is not None:
+                room = self.budget - len(bare) - 12  # FRAME_HEADER and PAYLOAD chunk headers
+                for comments, options in ((packet.comments, packet.options), ((), ())):
+                    extra = self._message(packet, static, b"", comments, options)
+                    cut = room - (len(extra) - len(bare)) if extra is not None else -1
+                    if cut >= 0:
+                        message = self._message(
+                            packet, static, packet.data[:cut], comments, options
+                        )
+                        if message is not None and len(message) <= self.budget:
+                            self.stats.truncated += 1
+                            return [self._count(message)]
+        return self._fragments(packet, static)
+
+    def _count(self, message: bytes) -> bytes:
+        self.sequence = (self.sequence + 1) & 0xFFFFFFFF
+        self.stats.datagrams += 1
+        self.stats.bytes += len(message)
+        return message
+
+    def _message(self, packet: Packet, static: bytes, data, comments, options) -> bytes | None:
+        """The message of one packet, or None when it cannot be one message at all."""
+        try:
+            return self._encode(packet, static, data, comments, options)
+        except struct.error:
+            return None  # a chunk over 65,535 bytes: the oversize policy decides
+
+    def _encode(self, packet: Packet, static: bytes, data, comments, options) -> bytes | None:
+        iface = packet.interface
+        parts = [b"", static, self._seq(), _s(StmChunk.ORIGINAL_LENGTH, _U32.pack(packet.origlen))]
+        ts = packet.ts
+        if ts is not None:
+            parts.append(_s(StmChunk.TIMESTAMP, _TS.pack(iface.tsresol, ts, iface.tsoffset)))
+            sec, frac = divmod(ts, iface.units)
+            sec = min(max(sec + iface.tsoffset, 0), 0xFFFFFFFF)
+            usec = frac * 1_000_000 // iface.units
+        else:
+            sec = usec = 0
+        parts += (_g(HepChunk.TIMESTAMP_SEC, _U32.pack(sec)),
+                  _g(HepChunk.TIMESTAMP_USEC, _U32.pack(usec)))  # fmt: skip
+        if packet.flags is not None:
+            parts.append(_s(StmChunk.FLAGS, _U32.pack(packet.flags)))
+        parts += (_s(StmChunk.COMMENT, x.encode("utf-8", "surrogateescape")) for x in comments)
+        if options:
+            parts.append(_s(StmChunk.PACKET_OPTIONS, encode_options(options, ">", EPB_KINDS)))
+        split = frames.split(iface.linktype, data)
+        if split is None:
+            parts.append(_s(StmChunk.FRAME, data))
+        else:
+            off = split.offset
+            payload = data[off:]
+            src, dst = (HepChunk.IPV4_SRC, HepChunk.IPV4_DST) if split.family == 4 else (
+                HepChunk.IPV6_SRC, HepChunk.IPV6_DST)  # fmt: skip
+            parts += (
+                _g(HepChunk.IP_FAMILY, _U8.pack(_AF[split.family])),
+                _g(HepChunk.IP_PROTO, _U8.pack(split.proto)),
+                _g(src, split.src),
+                _g(dst, split.dst),
+                _g(HepChunk.SRC_PORT, _U16.pack(split.sport)),
+                _g(HepChunk.DST_PORT, _U16.pack(split.dport)),
+                _g(HepChunk.PROTO_TYPE, _U8.pack(frames.hep_protocol_type(split, payload))),
+                _s(StmChunk.FRAME_HEADER, data[:off]),
+                _g(HepChunk.PAYLOAD, payload),
+            )
+        body_len = sum(map(len, parts))
+        if body_len + 6 > MAX_MESSAGE:
+            return None
+        parts[0] = _HEADER.pack(PROTOCOL_ID, body_len + 6)
+        return b"".join(parts)
+
+    def _fragments(self, packet: Packet, static: bytes) -> list[bytes]:
+        self.stats.fragmented += 1
+        if packet.ts is None:
+            block = enc.spb(">", packet.data, packet.origlen)
+        else:
+            opts = enc.packet_options(">", packet.flags, packet.comments, packet.options)
+            block = enc.epb(">", 0, packet.ts, packet.data, packet.origlen, opts)
+        piece = self.budget - 6 - len(static) - 10 - 6 - _FRAG.size
+        pid = self._next_packet_id
+        self._next_packet_id = (pid + 1) & 0xFFFFFFFF
+        out = []
+        for offset in range(0, len(block), piece):
+            frag = _s(
+                StmChunk.FRAGMENT,
+                _FRAG.pack(pid, offset, len(block)) + block[offset : offset + piece],
+            )
+            body = static + self._seq() + frag
+            out.append(self._count(_HEADER.pack(PROTOCOL_ID, len(body) + 6) + body))
+        return out
+
+    def poll(self, now: float) -> list[bytes]:
+        return []  # one message per packet: nothing ever lingers
+
+    def deadline(self) -> float | None:
+        return None
+
+    def flush(self) -> list[bytes]:
+        return []
+
+
+class TlvDecoder(StreamDecoder):
+    """Format-B messages (HEP3, ours or anyone's) in; events out.
+
+    ``auth_key``: when set, a message without that HEP auth key chunk is rejected (compared
+    in constant time).
+    """
+
+    def __init__(self, *, auth_key: bytes | None = None, **limits) -> None:
+        super().__init__(**limits)
+        self.auth_key = auth_key
+        self.rejected_auth = 0
+        self._interfaces: dict[tuple, Interface] = {}
+
+    def receive_message(self, data: bytes, source: object = None, now: float = 0.0) -> None:
+        """Decode one message (a UDP datagram, or one message framed from a TCP stream)."""
+        mv = memoryview(data)
+        n = len(mv)
+        if n < 6 or mv[:4] != PROTOCOL_ID:
+            if n and mv[0] in (1, 2):
+                self._malformed(f"HEPv{mv[0]} is not supported (HEP3 only)", source)
+            else:
+                self._malformed("not a HEP3 message", source)
+            return
+        if _U16.unpack_from(mv, 4)[0] != n:
+            self._malformed(f"length field {_U16.unpack_from(mv, 4)[0]} != {n} bytes", source)
+            return
+        chunks: dict[int, memoryview] = {}
+        comments: list[str] = []
+        off = 6
+        unpack = _CH.unpack_from
+        while off < n:
+            if off + 6 > n:
+                self._malformed("truncated chunk header", source)
+                return
+            vendor, ctype, clen = unpack(mv, off)
+            if clen < 6 or off + clen > n:
+                self._malformed(f"chunk 0x{vendor:04x}/0x{ctype:04x} length {clen}", source)
+                return
+            key = vendor << 16 | ctype
+            if key == S["COMMENT"]:
+                comments.append(bytes(mv[off + 6 : off + clen]).decode("utf-8", "surrogateescape"))
+            else:
+                chunks[key] = mv[off + 6 : off + clen]
+            off += clen
+        if off == 6:
+            self._malformed("message has no chunks", source)
+            return
+        if self.auth_key is not None:
+            given = chunks.get(K_AUTH)
+            if given is None or not hmac.compare_digest(bytes(given), self.auth_key):
+                self.rejected_auth += 1
+                self._malformed("missing or wrong HEP auth key", source)
+                return
+        try:
+            if S["STREAM_ID"] in chunks:
+                self._ours(chunks, comments, len(data), source, now)
+            else:
+                self._foreign(chunks, len(data), source)
+        except (ValueError, IndexError, struct.error, MalformedPcapng, UnicodeError) as exc:
+            self._malformed(f"bad chunk value: {exc}", source)
+
+    def _interface(self, chunks: dict[int, memoryview]) -> Interface:
+        linktype = _U16.unpack(chunks[S["LINKTYPE"]])[0]
+        raw = bytes(chunks[S["INTERFACE"]])
+        iface = self._interfaces.get((linktype, raw))
+        if iface is None:
+            snaplen = _U32.unpack_from(raw)[0]
+            options = decode_options(memoryview(raw), 4, len(raw), ">", IDB_KINDS, 0)
+            iface = Interface(linktype, snaplen, options)
+            if len(self._interfaces) > 4096:
+                self._interfaces.clear()
+            self._interfaces[(linktype, raw)] = iface
+        return iface
+
+    def _ours(self, chunks, comments, size: int, source: object, now: float) -> None:
+        producer = bytes(chunks.get(S["PRODUCER"], b"")).decode("utf-8", "replace")
+        stream = self._stream(producer, _U32.unpack(chunks[S["STREAM_ID"]])[0])
+        session = chunks.get(S["SESSION"])
+        state = self._state(stream, None if session is None else bytes(session))
+        seq_chunk = chunks.get(S["SEQUENCE"])
+        seq = None if seq_chunk is None else _U32.unpack(seq_chunk)[0]
+        if seq is not None and not self._track(stream, state, seq):
+            return
+        stats = state.stats
+        stats.datagrams += 1
+        stats.bytes += size
+        iface = self._interface(chunks)
+        frag = chunks.get(S["FRAGMENT"])
+        if frag is not None:
+            pid, offset, total = _FRAG.unpack_from(frag)
+            whole = self._reassemble(
+                stream, state, pid, offset, total, bytes(frag[12:]), source, now
+            )
+            packet = None if whole is None else self._packet_from_block(whole, ">", iface, source)
+            if packet is None:
+                return
+        else:
+            frame = chunks.get(S["FRAME"])
+            if frame is None:
+                frame = bytes(chunks[S["FRAME_HEADER"]]) + bytes(chunks[K_PAYLOAD])
+            ts_chunk = chunks.get(S["TIMESTAMP"])
+            ts = None if ts_chunk is None else _TS.unpack(ts_chunk)[1]
+            flags_chunk = chunks.get(S["FLAGS"])
+            opts = chunks.get(S["PACKET_OPTIONS"])
+            packet = Packet(
+                iface,
+                ts,
+                frame,
+                _U32.unpack(chunks[S["ORIGINAL_LENGTH"]])[0],
+                None if flags_chunk is None else _U32.unpack(flags_chunk)[0],
+                tuple(comments),
+                () if opts is None else decode_options(opts, 0, len(opts), ">", EPB_KINDS, 0),
+            )
+        stats.packets += 1
+        self._events.append(Packets(stream, [packet], seq))
+
+    def _foreign(self, chunks, size: int, source: object) -> None:
+        """HEP3 from another implementation: rebuild a raw IP frame from generic chunks."""
+        if K_COMPRESSED in chunks and K_PAYLOAD not in chunks:
+            raise ValueError("compressed payloads are not supported")
+        family = {2: 4, 10: 6}.get(chunks[K_FAMILY][0])
+        if family is None:
+            raise ValueError(f"IP family {chunks[K_FAMILY][0]}")
+        src, dst = (K_SRC4, K_DST4) if family == 4 else (K_SRC6, K_DST6)
+        frame = frames.synthesize(
+            family,
+            chunks[K_PROTO][0],
+            bytes(chunks[src]),
+            bytes(chunks[dst]),
+            _U16.unpack(chunks[K_SPORT])[0],
+            _U16.unpack(chunks[K_DPORT])[0],
+            bytes(chunks[K_PAYLOAD]),
+        )
+        capture = _U32.unpack(chunks[K_CAPTURE])[0] if K_CAPTURE in chunks else 0
+        host = source[0] if isinstance(source, tuple) else str(source or "")
+        stream = self._stream(f"hep:{host}", capture)
+        state = self._state(stream, None)
+        key = ("hep", capture)
+        iface = self._interfaces.get(key)
+        if iface is None:
+            iface = self._interfaces[key] = Interface(
+                c.LINKTYPE_RAW, 0, ((c.IF_NAME, f"hep-{capture}"),)
+            )
+        sec = _U32.unpack(chunks[K_SEC])[0] if K_SEC in chunks else 0
+        usec = _U32.unpack(chunks[K_USEC])[0] if K_USEC in chunks else 0
+        state.stats.datagrams += 1
+        state.stats.bytes += size
+        state.stats.packets += 1
+        packet = Packet(iface, sec * 1_000_000 + min(usec, 999_999), frame, len(frame))
+        self._events.append(Packets(stream, [packet], None))
+
+
+class AutoDecoder(TlvDecoder):
+    """Tells format A from format B per datagram (``HEP3`` or a HEP version byte leads a
+    format-B message; anything else is taken for GRE), with one set of streams for both."""
+
+    def __init__(self, *, protocol_type: int | None = None, verify_checksum: bool = True,
+                 auth_key: bytes | None = None, **limits) -> None:  # fmt: skip
+        super().__init__(auth_key=auth_key, **limits)
+        self._gre = Decoder(protocol_type=protocol_type, verify_checksum=verify_checksum, **limits)
+        # Share the per-stream state and the malformed count, so they come out of one place.
+        for name in ("streams", "_stream_names", "_pending", "_events"):
+            setattr(self._gre, name, getattr(self, name))
+        self._gre._malformed = self._malformed  # type: ignore[method-assign]
+
+    def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
+        if data[:4] == PROTOCOL_ID or data[:1] in (b"\x01", b"\x02"):
+            self.receive_message(data, source, now)
+        else:
+            self._gre.receive_datagram(data, source, now)
