@@ -612,6 +612,12 @@ class TlvFramer:
 
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes arrive."""
+        frame = self.next_frame()
+        return None if frame is None else decode_message(frame)
+
+    def next_frame(self) -> bytes | None:
+        """The next complete message as raw bytes (framing checked, chunks not parsed), for
+        callers with a faster decoder of their own."""
         if self._error is not None:
             self._raise_failed()
         buf = self._buf
@@ -639,7 +645,7 @@ class TlvFramer:
             self._pos = 0
         else:
             self._pos = end
-        return decode_message(frame)
+        return bytes(frame)
 
 
 # -- typed chunk builders and readers -------------------------------------------------------
