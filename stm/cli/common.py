@@ -79,3 +79,12 @@ def parse_int(value: str, what: str) -> int:
         return int(value, 0)
     except ValueError:
         raise UsageError(f"{what} must be an integer, not {value!r}") from None
+
+
+def read_secret(path: str, what: str) -> bytes:
+    """A secret from a file (trailing newline dropped); never echoed anywhere."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().rstrip(b"\r\n")
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot read {path}: {exc.strerror}") from None

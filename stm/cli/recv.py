@@ -10,22 +10,53 @@ import time
 
 import click
 
-from stm import __version__, gre
+from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     RateLimitedLog,
     fail_cleanly,
     log,
     parse_int,
+    read_secret,
     setup_logging,
     verbosity_options,
 )
 from stm.errors import UsageError
-from stm.report import Decoder, FragmentsExpired, Gap, Malformed, Packets, Restarted
+from stm.report import (
+    AutoDecoder,
+    Decoder,
+    FragmentsExpired,
+    Gap,
+    Malformed,
+    Packets,
+    Restarted,
+    TlvDecoder,
+)
 from stm.sink import PcapngSink
 from stm.summary import summarize
+from stm.transport.tcp import TcpListener
 from stm.transport.udp import UdpReceiver
 from stm.transport.url import parse_url
+
+DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT, "auto": gre.GRE_UDP_PORT}
+
+
+class RawFrames:
+    """A TCP framer for format B that hands over raw messages for the report decoder."""
+
+    def __init__(self) -> None:
+        self._framer = tlv.TlvFramer()
+
+    @property
+    def failed(self) -> bool:
+        return self._framer.failed
+
+    def receive_data(self, data: bytes) -> None:
+        self._framer.receive_data(data)
+
+    def next_message(self) -> bytes | None:
+        return self._framer.next_frame()
+
 
 EPILOG = """\b
 Examples:
@@ -50,16 +81,26 @@ class Collector:
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         for r in self.receivers:
-            sel.register(r.sock, selectors.EVENT_READ, r)
+            if isinstance(r, TcpListener):
+                r.register(sel)
+            else:
+                sel.register(r.sock, selectors.EVENT_READ, r)
         started = time.monotonic()
         end = None if self.duration is None else started + self.duration
         last_expire = started
+        on_datagram = getattr(self.decoder, "receive_datagram", None) or (
+            self.decoder.receive_message
+        )
         while not self.stop:
             now = time.monotonic()
             timeout = 0.1 if end is None else max(0.0, min(0.1, end - now))
-            for key, _ in sel.select(timeout):
-                for data, addr in key.data.drain():
-                    self.decoder.receive_datagram(data, addr, time.monotonic())
+            for key, mask in sel.select(timeout):
+                source = key.data
+                if isinstance(source, TcpListener):
+                    source.handle(key, mask)
+                    continue
+                for data, addr in source.drain():
+                    on_datagram(data, addr, time.monotonic())
                     self._events()
                     if self.count is not None and self.sink.packets >= self.count:
                         self.stop = True
@@ -73,6 +114,13 @@ class Collector:
             if end is not None and now >= end:
                 break
         sel.close()
+
+    def on_message(self, message: bytes, peer) -> None:
+        """A whole format-B message from a TCP connection."""
+        self.decoder.receive_message(message, peer, time.monotonic())
+        self._events()
+        if self.count is not None and self.sink.packets >= self.count:
+            self.stop = True
 
     def _events(self) -> None:
         sink = self.sink
@@ -99,7 +147,7 @@ class Collector:
     multiple=True,
     required=True,
     metavar="URL",
-    help="Where to receive: udp://HOST:PORT (repeatable).",
+    help="udp://HOST:PORT, or tcp://HOST:PORT for format B (repeatable, any mix).",
 )
 @click.option(
     "-w",
@@ -112,10 +160,10 @@ class Collector:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["gre"]),
-    default="gre",
+    type=click.Choice(["auto", "gre", "tlv"]),
+    default="auto",
     show_default=True,
-    help="Report format: gre = UDP-GRE-pcapng (format A).",
+    help="gre = format A, tlv = format B (HEP3), auto = tell them apart per report.",
 )
 @click.option(
     "--count", type=click.IntRange(min=1), metavar="N", help="Stop after writing N packets."
@@ -141,6 +189,19 @@ class Collector:
     show_default=True,
     help="Streams tracked at once (the least recently seen is forgotten).",
 )
+@click.option(
+    "--auth-key-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Require this HEP auth key (read from FILE) in format-B reports.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="TCP connections served at once per listener.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options
 @click.version_option(__version__, "-V", "--version", prog_name="stm-recv")
@@ -154,6 +215,8 @@ def main(
     flush_interval,
     protocol_type,
     max_streams,
+    auth_key_file,
+    max_connections,
     as_json,
     verbose,
     quiet,
@@ -166,9 +229,40 @@ def main(
     received, lost, duplicated and rejected.
     """
     setup_logging("stm-recv", verbose, quiet)
-    endpoints = [parse_url(u, default_port=gre.GRE_UDP_PORT, schemes=("udp",)) for u in listens]
+    endpoints = [parse_url(u, default_port=DEFAULT_PORT[fmt]) for u in listens]
+    for e in endpoints:
+        if e.scheme == "tcp" and fmt == "gre":
+            raise UsageError(f"{e}: format A (gre) is GRE-in-UDP; TCP carries format B (tlv)")
     ptype = parse_int(protocol_type, "--protocol-type")
-    receivers = [UdpReceiver(e.host, e.port) for e in endpoints]
+    auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
+    limits = {"max_streams": max_streams}
+    if fmt == "gre":
+        decoder = Decoder(protocol_type=ptype, **limits)
+    elif fmt == "tlv":
+        decoder = TlvDecoder(auth_key=auth_key, **limits)
+    else:
+        decoder = AutoDecoder(protocol_type=ptype, auth_key=auth_key, **limits)
+    collector = Collector([], decoder, None, count=count, duration=duration)
+    receivers = []
+    try:
+        for e in endpoints:
+            if e.scheme == "udp":
+                receivers.append(UdpReceiver(e.host, e.port))
+            else:
+                receivers.append(
+                    TcpListener(
+                        e.host,
+                        e.port,
+                        framer_factory=RawFrames,
+                        on_message=collector.on_message,
+                        max_connections=max_connections,
+                    )
+                )
+    except BaseException:
+        for r in receivers:
+            r.close()
+        raise
+    collector.receivers = receivers
     if output == "-":
         out = sys.stdout.buffer
     else:
@@ -176,10 +270,9 @@ def main(
             out = open(output, "wb")  # noqa: SIM115 - closed in finally below
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror}") from None
-    decoder = Decoder(protocol_type=ptype, max_streams=max_streams)
     sink = PcapngSink(out, flush_interval=flush_interval)
     sink.flush()
-    collector = Collector(receivers, decoder, sink, count=count, duration=duration)
+    collector.sink = sink
 
     def stop(signum, frame):
         collector.stop = True
@@ -188,7 +281,8 @@ def main(
     signal.signal(signal.SIGTERM, stop)
     for r in receivers:
         host, port = r.address[:2]
-        log.warning("listening on udp://%s:%d", f"[{host}]" if ":" in host else host, port)
+        scheme = "tcp" if isinstance(r, TcpListener) else "udp"
+        log.warning("listening on %s://%s:%d", scheme, f"[{host}]" if ":" in host else host, port)
     try:
         collector.run()
     finally:
@@ -197,13 +291,16 @@ def main(
             out.close()
         for r in receivers:
             r.close()
-    _summary(decoder, sink, output, as_json, quiet)
+    _summary(decoder, sink, receivers, output, as_json, quiet)
 
 
-def _summary(decoder: Decoder, sink: PcapngSink, output: str, as_json: bool, quiet: bool) -> None:
+def _summary(decoder, sink: PcapngSink, receivers, output: str, as_json: bool, quiet: bool):
     streams = {str(s): st.stats.as_dict() for s, st in decoder.streams.items()}
+    listeners = [r for r in receivers if isinstance(r, TcpListener)]
     totals = {
         "packets_written": sink.packets,
+        "rejected_connections": sum(r.rejected_connections for r in listeners),
+        "auth_rejected": getattr(decoder, "rejected_auth", 0),
         "malformed": decoder.malformed,
         "rejected": sink.rejected,
         **{

@@ -9,10 +9,18 @@ import time
 
 import click
 
-from stm import __version__, gre, pcapng
-from stm.cli.common import CONTEXT, fail_cleanly, parse_int, setup_logging, verbosity_options
+from stm import __version__, gre, pcapng, tlv
+from stm.cli.common import (
+    CONTEXT,
+    fail_cleanly,
+    parse_int,
+    read_secret,
+    setup_logging,
+    verbosity_options,
+)
 from stm.errors import UsageError
-from stm.report import Encoder
+from stm.report import Encoder, TlvEncoder, stream_id_for
+from stm.transport.tcp import TcpSender
 from stm.transport.udp import UdpSender
 from stm.transport.url import parse_url
 
@@ -20,8 +28,14 @@ EPILOG = """\b
 Examples:
   stm-send trace.pcapng --to udp://collector:4754
   stm-send a.pcap b.pcapng --to udp://[2001:db8::1]:4754 --producer amf-1 --rate 10000
+  stm-send trace.pcap --format tlv --to tcp://homer:9060
   tcpdump -U -w - port 5060 | stm-send - --to udp://127.0.0.1:4754
 """
+DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT}
+CAPTURE_MAGICS = (
+    b"\x0a\x0d\x0d\x0a", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
+    b"\xa1\xb2\x3c\x4d", b"\x34\xcd\xb2\xa1", b"\xa1\xb2\xcd\x34",
+)  # fmt: skip
 
 
 def check_capture(path: str) -> None:
@@ -33,10 +47,21 @@ def check_capture(path: str) -> None:
             magic = f.read(4)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    known = (b"\x0a\x0d\x0d\x0a", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1")
-    known += (b"\xa1\xb2\x3c\x4d", b"\x34\xcd\xb2\xa1", b"\xa1\xb2\xcd\x34")
-    if magic not in known:
+    if magic not in CAPTURE_MAGICS:
         raise UsageError(f"{path} is not a pcap or pcapng file")
+
+
+def open_senders(destinations, fmt, source_port, queue, queue_policy):
+    senders = []
+    for url in destinations:
+        e = parse_url(url, default_port=DEFAULT_PORT[fmt])
+        if e.scheme == "tcp" and fmt == "gre":
+            raise UsageError(f"{url}: format A (gre) is GRE-in-UDP; use --format tlv over TCP")
+        if e.scheme == "udp":
+            senders.append(UdpSender(e.host, e.port, source_port=source_port))
+        else:
+            senders.append(TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy))
+    return senders
 
 
 @click.command(context_settings=CONTEXT, epilog=EPILOG)
@@ -47,15 +72,15 @@ def check_capture(path: str) -> None:
     multiple=True,
     required=True,
     metavar="URL",
-    help="Where to send: udp://HOST:PORT (repeat to send a copy to each).",
+    help="udp://HOST:PORT or tcp://HOST:PORT (tlv only); repeat to send a copy to each.",
 )
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["gre"]),
+    type=click.Choice(["gre", "tlv"]),
     default="gre",
     show_default=True,
-    help="Report format: gre = UDP-GRE-pcapng (format A).",
+    help="gre = UDP-GRE-pcapng (format A); tlv = generic TLV, HEP3 profile (format B).",
 )
 @click.option(
     "--producer",
@@ -67,7 +92,7 @@ def check_capture(path: str) -> None:
     "--stream-id",
     default=None,
     metavar="N",
-    help="Stream ID (GRE key); default: CRC-32 of the producer name.",
+    help="Stream ID (GRE key / HEP capture ID); default: CRC-32 of the producer.",
 )
 @click.option(
     "--rate",
@@ -80,7 +105,7 @@ def check_capture(path: str) -> None:
     type=click.IntRange(576, 65535),
     default=1500,
     show_default=True,
-    help="Path MTU: reports are sized so that IP never fragments.",
+    help="Path MTU: UDP reports are sized so that IP never fragments.",
 )
 @click.option(
     "--linger",
@@ -88,7 +113,7 @@ def check_capture(path: str) -> None:
     default=0.005,
     show_default=True,
     metavar="SECONDS",
-    help="Longest a partial report waits for more packets.",
+    help="Longest a partial gre report waits for more packets.",
 )
 @click.option(
     "--oversize",
@@ -98,10 +123,42 @@ def check_capture(path: str) -> None:
     help="What to do with a packet too big for one report.",
 )
 @click.option(
-    "--checksum/--no-checksum", default=False, show_default=True, help="Set the GRE checksum."
+    "--checksum/--no-checksum", default=False, show_default=True, help="Set the GRE checksum (gre)."
 )
 @click.option(
-    "--protocol-type", default="0x88B5", show_default=True, help="GRE protocol type of the reports."
+    "--protocol-type",
+    default="0x88B5",
+    show_default=True,
+    help="GRE protocol type of the reports (gre).",
+)
+@click.option(
+    "--auth-key-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="HEP auth key to send, read from FILE (tlv).",
+)
+@click.option(
+    "--queue",
+    type=click.IntRange(min=1),
+    default=10000,
+    show_default=True,
+    metavar="N",
+    help="Messages held per TCP destination while it is away.",
+)
+@click.option(
+    "--queue-policy",
+    type=click.Choice(["drop-oldest", "block"]),
+    default="drop-oldest",
+    show_default=True,
+    help="When the TCP queue is full: drop the oldest (and count) or wait.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait at the end for TCP queues to empty.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options
@@ -119,6 +176,10 @@ def main(
     oversize,
     checksum,
     protocol_type,
+    auth_key_file,
+    queue,
+    queue_policy,
+    drain_timeout,
     as_json,
     verbose,
     quiet,
@@ -130,34 +191,45 @@ def main(
     destination. Prints a summary at the end.
     """
     setup_logging("stm-send", verbose, quiet)
-    endpoints = [
-        parse_url(d, default_port=gre.GRE_UDP_PORT, schemes=("udp",)) for d in destinations
-    ]
     for path in files:
         check_capture(path)
     key = None if stream_id is None else parse_int(stream_id, "--stream-id")
     ptype = parse_int(protocol_type, "--protocol-type")
     if not 0 <= ptype <= 0xFFFF:
         raise UsageError("--protocol-type must fit 16 bits")
-    probe = Encoder(producer, key)  # resolves the default stream ID
-    senders = [
-        UdpSender(e.host, e.port, source_port=gre.entropy_source_port(probe.stream_id))
-        for e in endpoints
-    ]
-    encoder = Encoder(
-        producer,
-        probe.stream_id,
-        mtu=mtu,
-        ip_header=max(s.ip_header for s in senders),
-        linger=linger,
-        oversize=oversize,
-        checksum=checksum,
-        protocol_type=ptype,
-    )
+    auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
+    stream = stream_id_for(producer) if key is None else key
+    if not 0 <= stream <= 0xFFFFFFFF:
+        raise UsageError("--stream-id must fit 32 bits")
+    senders = open_senders(destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy)
+    ip_header = max(s.ip_header for s in senders)
+    if fmt == "gre":
+        encoder = Encoder(
+            producer,
+            stream,
+            mtu=mtu,
+            ip_header=ip_header,
+            linger=linger,
+            oversize=oversize,
+            checksum=checksum,
+            protocol_type=ptype,
+        )
+    else:
+        only_tcp = all(isinstance(s, TcpSender) for s in senders)
+        encoder = TlvEncoder(
+            producer,
+            stream,
+            mtu=mtu,
+            ip_header=ip_header,
+            transport="tcp" if only_tcp else "udp",
+            oversize=oversize,
+            auth_key=auth_key,
+        )
 
-    def emit(datagrams: list[bytes]) -> None:
-        for s in senders:
-            s.send(datagrams)
+    def emit(reports: list[bytes]) -> None:
+        if reports:
+            for s in senders:
+                s.send(reports)
 
     started = time.monotonic()
     count = 0
@@ -169,16 +241,17 @@ def main(
                 now = monotonic()
                 if rate is not None:
                     now = _pace(started + count / rate, now, encoder, emit)
-                out = encoder.add(packet, now)
-                emit(out or encoder.poll(now))
+                emit(encoder.add(packet, now) or encoder.poll(now))
                 count += 1
     finally:
         emit(encoder.flush())
-    elapsed = time.monotonic() - started
-    _summary(encoder, senders, endpoints, elapsed, as_json, quiet)
+        for s in senders:
+            if isinstance(s, TcpSender):
+                s.close(drain_timeout)
+    _summary(encoder, senders, time.monotonic() - started, as_json, quiet)
 
 
-def _pace(target: float, now: float, encoder: Encoder, emit) -> float:
+def _pace(target: float, now: float, encoder, emit) -> float:
     """Sleep until ``target``, flushing a lingering report on the way."""
     while now < target:
         deadline = encoder.deadline()
@@ -192,26 +265,35 @@ def _pace(target: float, now: float, encoder: Encoder, emit) -> float:
     return now
 
 
-def _summary(encoder, senders, endpoints, elapsed, as_json, quiet) -> None:
+def _summary(encoder, senders, elapsed, as_json, quiet) -> None:
     stats = encoder.stats.as_dict()
+    stats["reports"] = stats.pop("datagrams")
     stats.update(
         seconds=round(elapsed, 6),
         packets_per_second=round(stats["packets"] / elapsed) if elapsed else None,
         producer=encoder.producer,
         stream_id=encoder.stream_id,
-        destinations=[str(e) for e in endpoints],
-        refused=sum(s.refused for s in senders),
+        destinations={
+            s.url: (s.stats() if isinstance(s, TcpSender) else {"refused": s.refused})
+            for s in senders
+        },
     )
     if as_json:
         click.echo(json.dumps(stats))
     elif not quiet:
         click.echo(
-            f"stm-send: {stats['packets']} packets in {stats['datagrams']} reports "
-            f"({stats['bytes']} bytes) to {', '.join(stats['destinations'])} in "
-            f"{elapsed:.3f} s; oversize: {stats['fragmented']} fragmented, "
-            f"{stats['truncated']} truncated, {stats['dropped']} dropped",
+            f"stm-send: {stats['packets']} packets in {stats['reports']} reports "
+            f"({stats['bytes']} bytes) in {elapsed:.3f} s; oversize: {stats['fragmented']} "
+            f"fragmented, {stats['truncated']} truncated, {stats['dropped']} dropped",
             err=True,
         )
+        for url, s in stats["destinations"].items():
+            if "sent" in s:
+                click.echo(
+                    f"  {url}: {s['sent']} sent, {s['dropped']} dropped, "
+                    f"{s['undelivered']} undelivered, {s['reconnects']} reconnects",
+                    err=True,
+                )
 
 
 if __name__ == "__main__":

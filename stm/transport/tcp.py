@@ -260,6 +260,7 @@ class TcpSender:
         probe: selectors.BaseSelector | None = None
         failures = 0  # connect attempts or connections in a row that made no progress
         failing = False  # logged "cannot connect" already: stay quiet until it works
+        write_failed = False  # part of the in-flight batch may have reached the old peer
         try:
             while not self._stop.is_set():
                 with self._lock:
@@ -289,14 +290,15 @@ class TcpSender:
                         self.connected = True
                         self._connects += 1
                         self.reconnects = self._connects - 1
-                        retry = len(self._inflight)
+                        retry = len(self._inflight) if write_failed else 0
                         self.resent += retry
                     if retry:
                         log.debug("re-sending %d message(s) whose write failed", retry)
-                    if self._connects == 1 and not failing:
-                        log.info("connected to %s", self.url)
-                    else:
-                        log.warning("connected to %s again", self.url)
+                    write_failed = False
+                    # a recovery is logged at the level of the failure it ends
+                    level = logging.WARNING if failing or self._connects > 1 else logging.INFO
+                    again = " again" if self._connects > 1 else ""
+                    log.log(level, "connected to %s%s", self.url, again)
                     failing = False
                 assert probe is not None
                 data = self._next_batch()
@@ -306,6 +308,7 @@ class TcpSender:
                         written = self._write(sock, data)
                     except OSError as exc:
                         gone = _reason(exc)
+                        write_failed = True
                     else:
                         if not written:
                             break  # hard stop mid-write
@@ -571,15 +574,17 @@ class TcpListener:
         """Close every connection (stalled ones included) and the listening socket."""
         if self._closed:
             return
-        for conn in list(self._conns.values()):
-            if getattr(conn.framer, "buffered", 0):
-                log.debug("closing connection from %s mid-message", _peer_name(conn.peer))
-            self._close_conn(conn, "listener closed")
         self._closed = True
+        # the listening socket first: a sender reconnecting at once must be refused, not
+        # accepted into a backlog that is about to be reset
         if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(self.sock)
         self.sock.close()
+        for conn in list(self._conns.values()):
+            if getattr(conn.framer, "buffered", 0):
+                log.debug("closing connection from %s mid-message", _peer_name(conn.peer))
+            self._close_conn(conn, "listener closed")
         if self._spare is not None:
             os.close(self._spare)
             self._spare = None

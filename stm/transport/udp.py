@@ -53,6 +53,7 @@ class UdpSender:
                 self.sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", source_port))
         self.sock.connect(addr)
         self.refused = 0
+        self.url = f"udp://{f'[{host}]' if ':' in host else host}:{port}"
 
     def send(self, datagrams: list[bytes]) -> None:
         send = self.sock.send
