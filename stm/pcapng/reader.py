@@ -192,32 +192,39 @@ class Reader:
         hdr, u32, epb = s["II"], s["I"], s["epb"]
         epb7 = s["epb7"]
         ifaces = self.interfaces
+        nif = len(ifaces)
         raw = self.raw_packets
+        make = Packet
+        EPB = c.EPB
         while off + 12 <= n:
-            if off + 28 <= n and not raw:
-                # Optimistic: read an EPB's fixed fields in one go; most blocks are EPBs.
-                btype, blen, ifid, hi, lo, caplen, origlen = epb7.unpack_from(buf, off)
+            # The hot loop: a run of EPBs, each read with one unpack of its fixed fields.
+            # Anything unusual breaks out to the general path below, which says what is wrong.
+            unpack7 = epb7.unpack_from
+            unpack4 = u32.unpack_from
+            while not raw and off + 28 <= n:
+                btype, blen, ifid, hi, lo, caplen, origlen = unpack7(buf, off)
                 end = off + blen
+                dend = off + 28 + caplen
                 if (
-                    btype == c.EPB
-                    and 32 <= blen <= limit
-                    and not blen & 3
-                    and end <= n
-                    and u32.unpack_from(buf, end - 4)[0] == blen
-                    and off + 28 + caplen <= end - 4
-                    and ifid < len(ifaces)
+                    btype != EPB
+                    or blen < 32
+                    or blen > limit
+                    or blen & 3
+                    or end > n
+                    or ifid >= nif
+                    or dend > end - 4
+                    or unpack4(buf, end - 4)[0] != blen
                 ):
-                    dend = off + 28 + caplen
-                    pkt = Packet(ifaces[ifid], (hi << 32) | lo, mv[off + 28 : dend], origlen)
-                    if dend + (-caplen & 3) < end - 4:
-                        _with_options(
-                            pkt,
-                            decode_options(mv, dend + (-caplen & 3), end - 4, bo, EPB_KINDS, base),
-                        )
-                    off = end
-                    self._off = off
-                    yield pkt
-                    continue
+                    break
+                pkt = make(ifaces[ifid], (hi << 32) | lo, mv[off + 28 : dend], origlen)
+                opt = dend + (-caplen & 3)
+                if opt < end - 4:
+                    _with_options(pkt, decode_options(mv, opt, end - 4, bo, EPB_KINDS, base))
+                off = end
+                self._off = off
+                yield pkt
+            if off + 12 > n:
+                break
             btype = _LE_U32.unpack_from(buf, off)[0]
             if btype == c.SHB:
                 magic = _LE_U32.unpack_from(buf, off + 8)[0]
@@ -268,22 +275,33 @@ class Reader:
                 continue
             if raw and btype in _PACKET_BLOCKS:
                 start, count = off, 0
-                while True:
-                    self._check_packet_block(buf, off, btype, blen, bo)
-                    count += 1
-                    off += blen
-                    if off + 8 > n:
-                        break
-                    btype, blen = hdr.unpack_from(buf, off)
+                self._check_packet_block(buf, off, btype, blen, bo)
+                count += 1
+                off += blen
+                # Take the following packet blocks whole; an EPB is checked inline, as the
+                # per-packet path would, anything else by _check_packet_block.
+                unpack7 = epb7.unpack_from
+                unpack4 = u32.unpack_from
+                while off + 28 <= n:
+                    btype, blen, ifid, _, _, caplen, _ = unpack7(buf, off)
+                    end = off + blen
                     if (
-                        btype not in _PACKET_BLOCKS
-                        or blen & 3
-                        or blen < 12
+                        blen < 12
                         or blen > limit
-                        or off + blen > n
-                        or u32.unpack_from(buf, off + blen - 4)[0] != blen
+                        or blen & 3
+                        or end > n
+                        or unpack4(buf, end - 4)[0] != blen
                     ):
                         break
+                    if btype == EPB:
+                        if blen < 32 or ifid >= nif or off + 28 + caplen > end - 4:
+                            break
+                    elif btype in _PACKET_BLOCKS:
+                        self._check_packet_block(buf, off, btype, blen, bo)
+                    else:
+                        break
+                    count += 1
+                    off = end
                 self._off = off
                 yield RawPackets(section, mv[start:off], count)  # type: ignore[arg-type]
                 continue
@@ -293,6 +311,7 @@ class Reader:
             if isinstance(event, Section):
                 section = event
                 ifaces = self.interfaces
+            nif = len(ifaces)
             yield event
 
     def _check_packet_block(self, buf: bytes, off: int, btype: int, blen: int, bo: str) -> None:
