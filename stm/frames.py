@@ -19,6 +19,8 @@ _IPV6_SKIP = (0, 43, 60)  # hop-by-hop, routing, destination options
 _NULL_IPV6 = (10, 24, 28, 30)  # AF_INET6 on Linux, BSDs, macOS
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
+_IPV4 = struct.Struct("!B5xHxB2x4s4s")  # version/IHL, flags/fragment, protocol, addresses
+_SIP_PORTS = frozenset((5060, 5061))
 _SIP_STARTS = (
     b"SIP/2.0 ", b"INVITE ", b"ACK ", b"BYE ", b"CANCEL ", b"REGISTER ", b"OPTIONS ",
     b"PRACK ", b"SUBSCRIBE ", b"NOTIFY ", b"PUBLISH ", b"INFO ", b"REFER ", b"MESSAGE ",
@@ -86,13 +88,12 @@ def split(linktype: int, data: bytes | memoryview) -> Split | None:
     version, off = where
     n = len(data)
     if version == 4:
-        if off + 20 > n or data[off] >> 4 != 4:
+        if off + 20 > n:
             return None
-        ihl = (data[off] & 0x0F) * 4
-        if ihl < 20 or _H.unpack_from(data, off + 6)[0] & 0x3FFF:  # MF or fragment offset
+        vhl, frag, proto, src, dst = _IPV4.unpack_from(data, off)
+        ihl = (vhl & 0x0F) * 4
+        if vhl >> 4 != 4 or ihl < 20 or frag & 0x3FFF:  # MF or a fragment offset: a fragment
             return None
-        proto = data[off + 9]
-        src, dst = bytes(data[off + 12 : off + 16]), bytes(data[off + 16 : off + 20])
         off += ihl
     else:
         if off + 40 > n or data[off] >> 4 != 6:
@@ -129,7 +130,11 @@ def split(linktype: int, data: bytes | memoryview) -> Split | None:
 
 def hep_protocol_type(s: Split, payload: bytes | memoryview) -> int:
     """HEP's protocol type: 1 for SIP, 0x38 for Diameter, else 0 (generic)."""
-    if bytes(payload[:10]).startswith(_SIP_STARTS) or {s.sport, s.dport} & {5060, 5061}:
+    if (
+        s.sport in _SIP_PORTS
+        or s.dport in _SIP_PORTS
+        or bytes(payload[:10]).startswith(_SIP_STARTS)
+    ):
         return 1
     if 3868 in (s.sport, s.dport):
         return 0x38

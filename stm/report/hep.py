@@ -13,6 +13,7 @@ from the generic chunks, so the output still opens in Wireshark and dissects as 
 from __future__ import annotations
 
 import hmac
+import operator
 import os
 import struct
 
@@ -77,6 +78,57 @@ K_AUTH = _key(0, HepChunk.AUTH_KEY)
 K_PAYLOAD = _key(0, HepChunk.PAYLOAD)
 K_COMPRESSED = _key(0, HepChunk.COMPRESSED_PAYLOAD)
 S = {m.name: _key(STM_VENDOR, m) for m in StmChunk}
+# The chunks of the interface and stream that start every message of ours, in this order.
+STATIC_KEYS = frozenset(
+    (K_CAPTURE, K_AUTH, S["PRODUCER"], S["SESSION"], S["STREAM_ID"], S["LINKTYPE"],
+     S["INTERFACE"])
+)  # fmt: skip
+
+
+class _Layout:
+    """The fixed-size chunks that follow the static ones in a message of an IP packet with a
+    timestamp: packed (and checked) with one ``struct`` call instead of one per chunk."""
+
+    def __init__(self, fields: list[tuple[int, int, str]]) -> None:
+        fmt = "!"
+        self.headers = []
+        index, self.header_index = 0, []
+        for vendor, ctype, f in fields:
+            size = struct.calcsize("!" + f)
+            fmt += "6s" + f
+            self.headers.append(_CH.pack(vendor, ctype, 6 + size))
+            self.header_index.append(index)
+            index += 1 + len(struct.unpack("!" + f, bytes(size)))
+        self.struct = struct.Struct(fmt)
+        self.size = self.struct.size
+        self.headers = tuple(self.headers)
+        self.get_headers = operator.itemgetter(*self.header_index)
+
+
+def _ip_layout(src: int, dst: int, addr: str) -> _Layout:
+    return _Layout(
+        [
+            (STM_VENDOR, StmChunk.SEQUENCE, "I"),
+            (STM_VENDOR, StmChunk.ORIGINAL_LENGTH, "I"),
+            (STM_VENDOR, StmChunk.TIMESTAMP, "BQq"),
+            (0, HepChunk.TIMESTAMP_SEC, "I"),
+            (0, HepChunk.TIMESTAMP_USEC, "I"),
+            (0, HepChunk.IP_FAMILY, "B"),
+            (0, HepChunk.IP_PROTO, "B"),
+            (0, src, addr),
+            (0, dst, addr),
+            (0, HepChunk.SRC_PORT, "H"),
+            (0, HepChunk.DST_PORT, "H"),
+            (0, HepChunk.PROTO_TYPE, "B"),
+        ]
+    )
+
+
+LAYOUTS = {
+    4: _ip_layout(HepChunk.IPV4_SRC, HepChunk.IPV4_DST, "4s"),
+    6: _ip_layout(HepChunk.IPV6_SRC, HepChunk.IPV6_DST, "16s"),
+}
+_FRAME_HEADER = _key(STM_VENDOR, StmChunk.FRAME_HEADER)
 
 
 class TlvEncoder:
@@ -190,41 +242,90 @@ class TlvEncoder:
 
     def _encode(self, packet: Packet, static: bytes, data, comments, options) -> bytes | None:
         iface = packet.interface
-        parts = [b"", static, self._seq(), _s(StmChunk.ORIGINAL_LENGTH, _U32.pack(packet.origlen))]
         ts = packet.ts
         if ts is not None:
-            parts.append(_s(StmChunk.TIMESTAMP, _TS.pack(iface.tsresol, ts, iface.tsoffset)))
             sec, frac = divmod(ts, iface.units)
             sec = min(max(sec + iface.tsoffset, 0), 0xFFFFFFFF)
             usec = frac * 1_000_000 // iface.units
         else:
             sec = usec = 0
-        parts += (_g(HepChunk.TIMESTAMP_SEC, _U32.pack(sec)),
-                  _g(HepChunk.TIMESTAMP_USEC, _U32.pack(usec)))  # fmt: skip
-        if packet.flags is not None:
-            parts.append(_s(StmChunk.FLAGS, _U32.pack(packet.flags)))
-        parts += (_s(StmChunk.COMMENT, x.encode("utf-8", "surrogateescape")) for x in comments)
-        if options:
-            parts.append(_s(StmChunk.PACKET_OPTIONS, encode_options(options, ">", EPB_KINDS)))
         split = frames.split(iface.linktype, data)
-        if split is None:
-            parts.append(_s(StmChunk.FRAME, data))
-        else:
+        if split is not None and ts is not None:
             off = split.offset
             payload = data[off:]
-            src, dst = (HepChunk.IPV4_SRC, HepChunk.IPV4_DST) if split.family == 4 else (
-                HepChunk.IPV6_SRC, HepChunk.IPV6_DST)  # fmt: skip
-            parts += (
-                _g(HepChunk.IP_FAMILY, _U8.pack(_AF[split.family])),
-                _g(HepChunk.IP_PROTO, _U8.pack(split.proto)),
-                _g(src, split.src),
-                _g(dst, split.dst),
-                _g(HepChunk.SRC_PORT, _U16.pack(split.sport)),
-                _g(HepChunk.DST_PORT, _U16.pack(split.dport)),
-                _g(HepChunk.PROTO_TYPE, _U8.pack(frames.hep_protocol_type(split, payload))),
-                _s(StmChunk.FRAME_HEADER, data[:off]),
-                _g(HepChunk.PAYLOAD, payload),
-            )
+            layout = LAYOUTS[split.family]
+            h = layout.headers
+            parts = [
+                b"",
+                static,
+                layout.struct.pack(
+                    h[0],
+                    self.sequence,
+                    h[1],
+                    packet.origlen,
+                    h[2],
+                    iface.tsresol,
+                    ts,
+                    iface.tsoffset,
+                    h[3],
+                    sec,
+                    h[4],
+                    usec,
+                    h[5],
+                    _AF[split.family],
+                    h[6],
+                    split.proto,
+                    h[7],
+                    split.src,
+                    h[8],
+                    split.dst,
+                    h[9],
+                    split.sport,
+                    h[10],
+                    split.dport,
+                    h[11],
+                    frames.hep_protocol_type(split, payload),
+                ),
+                _CH.pack(STM_VENDOR, StmChunk.FRAME_HEADER, 6 + off),
+                data[:off],
+                _CH.pack(0, HepChunk.PAYLOAD, 6 + len(payload)),
+                payload,
+            ]
+        else:
+            parts = [
+                b"",
+                static,
+                self._seq(),
+                _s(StmChunk.ORIGINAL_LENGTH, _U32.pack(packet.origlen)),
+            ]
+            if ts is not None:
+                parts.append(_s(StmChunk.TIMESTAMP, _TS.pack(iface.tsresol, ts, iface.tsoffset)))
+            parts += (_g(HepChunk.TIMESTAMP_SEC, _U32.pack(sec)),
+                      _g(HepChunk.TIMESTAMP_USEC, _U32.pack(usec)))  # fmt: skip
+            if split is None:
+                parts.append(_s(StmChunk.FRAME, data))
+            else:
+                payload = data[split.offset :]
+                src, dst = (HepChunk.IPV4_SRC, HepChunk.IPV4_DST) if split.family == 4 else (
+                    HepChunk.IPV6_SRC, HepChunk.IPV6_DST)  # fmt: skip
+                parts += (
+                    _g(HepChunk.IP_FAMILY, _U8.pack(_AF[split.family])),
+                    _g(HepChunk.IP_PROTO, _U8.pack(split.proto)),
+                    _g(src, split.src),
+                    _g(dst, split.dst),
+                    _g(HepChunk.SRC_PORT, _U16.pack(split.sport)),
+                    _g(HepChunk.DST_PORT, _U16.pack(split.dport)),
+                    _g(HepChunk.PROTO_TYPE, _U8.pack(frames.hep_protocol_type(split, payload))),
+                    _s(StmChunk.FRAME_HEADER, data[: split.offset]),
+                    _g(HepChunk.PAYLOAD, payload),
+                )
+        # What only some packets have comes last, after the payload.
+        if packet.flags is not None:
+            parts.append(_s(StmChunk.FLAGS, _U32.pack(packet.flags)))
+        if comments:
+            parts += [_s(StmChunk.COMMENT, x.encode("utf-8", "surrogateescape")) for x in comments]
+        if options:
+            parts.append(_s(StmChunk.PACKET_OPTIONS, encode_options(options, ">", EPB_KINDS)))
         body_len = sum(map(len, parts))
         if body_len + 6 > MAX_MESSAGE:
             return None
@@ -273,9 +374,13 @@ class TlvDecoder(StreamDecoder):
         self.auth_key = auth_key
         self.rejected_auth = 0
         self._interfaces: dict[tuple, Interface] = {}
+        self._statics: dict[bytes, tuple[str, int, bytes | None, Interface]] = {}
+        self._recent: list[bytes] = []  # most recently used static prefixes first
 
     def receive_message(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one message (a UDP datagram, or one message framed from a TCP stream)."""
+        if type(data) is not bytes:
+            data = bytes(data)
         mv = memoryview(data)
         n = len(mv)
         if n < 6 or mv[:4] != PROTOCOL_ID:
@@ -287,8 +392,107 @@ class TlvDecoder(StreamDecoder):
         if _U16.unpack_from(mv, 4)[0] != n:
             self._malformed(f"length field {_U16.unpack_from(mv, 4)[0]} != {n} bytes", source)
             return
+        if self._fast(data, n, source, now):
+            return
+        self._generic(mv, n, source, now)
+
+    def _fast(self, data, n: int, source: object, now: float) -> bool:
+        """Our own messages of IP packets: static chunks known from an earlier message, the
+        fixed chunks in one unpack. False (and nothing done) for anything else."""
+        for static in self._recent:
+            if data[6 : 6 + len(static)] == static:
+                break
+        else:
+            return False
+        off = 6 + len(static)
+        for layout in (LAYOUTS[4], LAYOUTS[6]):
+            end = off + layout.size
+            if end + 12 <= n:
+                fields = layout.struct.unpack_from(data, off)
+                if layout.get_headers(fields) == layout.headers:
+                    break
+        else:
+            return False
+        vendor, ctype, flen = _CH.unpack_from(data, end)
+        if vendor != STM_VENDOR or ctype != StmChunk.FRAME_HEADER or flen < 6:
+            return False
+        pos = end + flen
+        if pos + 6 > n:
+            return False
+        vendor, ctype, plen = _CH.unpack_from(data, pos)
+        if vendor or ctype != HepChunk.PAYLOAD or plen < 6 or pos + plen > n:
+            return False
+        frame = data[end + 6 : end + flen] + data[pos + 6 : pos + plen]
+        flags = None
+        comments: list[str] = []
+        options = ()
+        pos += plen
+        while pos < n:  # what only some packets have: flags, comments, other options
+            if pos + 6 > n:
+                return False
+            vendor, ctype, clen = _CH.unpack_from(data, pos)
+            if vendor != STM_VENDOR or clen < 6 or pos + clen > n:
+                return False
+            value = data[pos + 6 : pos + clen]
+            if ctype == StmChunk.COMMENT:
+                comments.append(bytes(value).decode("utf-8", "surrogateescape"))
+            elif ctype == StmChunk.FLAGS and clen == 10:
+                flags = _U32.unpack(value)[0]
+            elif ctype == StmChunk.PACKET_OPTIONS:
+                try:
+                    options = decode_options(memoryview(value), 0, len(value), ">", EPB_KINDS, 0)
+                except MalformedPcapng:
+                    return False
+            else:
+                return False
+            pos += clen
+        producer, key, session, iface = self._statics[static]
+        stream = self._stream(producer, key)
+        state = self._state(stream, session)
+        seq = fields[1]
+        if not self._track(stream, state, seq):
+            return True
+        stats = state.stats
+        stats.datagrams += 1
+        stats.bytes += n
+        stats.packets += 1
+        packet = Packet(iface, fields[6], frame, fields[3], flags, tuple(comments), options)
+        self._events.append(Packets(stream, [packet], seq))
+        return True
+
+    def _remember(self, mv: memoryview, chunks: dict[int, memoryview], order: list[int]) -> None:
+        """Keep the static chunks that open this message, so the next ones take _fast."""
+        off = 6
+        for key, clen in order:
+            if key not in STATIC_KEYS:
+                return
+            off += clen
+            if key == S["INTERFACE"]:
+                break
+        else:
+            return
+        static = bytes(mv[6:off])
+        session = chunks.get(S["SESSION"])
+        producer = bytes(chunks.get(S["PRODUCER"], b"")).decode("utf-8", "replace")
+        entry = (
+            producer,
+            _U32.unpack(chunks[S["STREAM_ID"]])[0],
+            None if session is None else bytes(session),
+            self._interface(chunks),
+        )
+        if len(self._statics) > 1024:
+            self._statics.clear()
+            self._recent.clear()
+        self._statics[static] = entry
+        if static in self._recent:
+            self._recent.remove(static)
+        self._recent.insert(0, static)
+        del self._recent[8:]
+
+    def _generic(self, mv: memoryview, n: int, source: object, now: float) -> None:
         chunks: dict[int, memoryview] = {}
         comments: list[str] = []
+        order: list[tuple[int, int]] = []
         off = 6
         unpack = _CH.unpack_from
         while off < n:
@@ -300,6 +504,7 @@ class TlvDecoder(StreamDecoder):
                 self._malformed(f"chunk 0x{vendor:04x}/0x{ctype:04x} length {clen}", source)
                 return
             key = vendor << 16 | ctype
+            order.append((key, clen))
             if key == S["COMMENT"]:
                 comments.append(bytes(mv[off + 6 : off + clen]).decode("utf-8", "surrogateescape"))
             else:
@@ -316,9 +521,11 @@ class TlvDecoder(StreamDecoder):
                 return
         try:
             if S["STREAM_ID"] in chunks:
-                self._ours(chunks, comments, len(data), source, now)
+                self._ours(chunks, comments, n, source, now)
+                if S["INTERFACE"] in chunks and S["LINKTYPE"] in chunks:
+                    self._remember(mv, chunks, order)
             else:
-                self._foreign(chunks, len(data), source)
+                self._foreign(chunks, n, source)
         except (ValueError, IndexError, struct.error, MalformedPcapng, UnicodeError) as exc:
             self._malformed(f"bad chunk value: {exc}", source)
 
