@@ -151,19 +151,30 @@ def _checksum(data: bytes) -> int:
 
 
 def synthesize(
-    family: int, proto: int, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes
+    family: int,
+    proto: int,
+    src: bytes,
+    dst: bytes,
+    sport: int,
+    dport: int,
+    payload: bytes,
+    seq: int = 0,
 ) -> bytes:
     """A raw IP frame (LINKTYPE_RAW) carrying ``payload`` over UDP or TCP, for foreign HEP.
 
-    Checksums are computed so Wireshark dissects it without complaint; a TCP segment gets
-    sequence 0 and PSH+ACK (HEP carries no TCP state). Other protocols get no transport
-    header. Payloads too large for one IP packet get IP total length 0, as Linux BIG TCP does.
+    Checksums are computed so Wireshark dissects it without complaint. HEP carries no TCP
+    state, so a TCP segment gets sequence number ``seq`` (the caller keeps one running per
+    flow, or Wireshark takes every segment after the first for a retransmission), ack 0 and
+    PSH+ACK. Other protocols get no transport header. Payloads too large for one IP packet
+    get IP total length 0, as Linux BIG TCP does.
     """
     if proto == UDP:
         length = 8 + len(payload)
         transport = struct.pack("!HHHH", sport, dport, length & 0xFFFF, 0)
     elif proto == TCP:
-        transport = struct.pack("!HHIIBBHHH", sport, dport, 0, 0, 5 << 4, 0x18, 65535, 0, 0)
+        transport = struct.pack(
+            "!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, 0, 5 << 4, 0x18, 65535, 0, 0
+        )
     else:
         transport = b""
     segment = transport + payload

@@ -246,7 +246,7 @@ class Decoder(StreamDecoder):
             self._malformed(f"GRE protocol type 0x{ptype:04x}", source)
             return
         try:
-            section, ifaces, packets, custom = self._sections.decode(payload)
+            section, ifaces, packets, custom = self._sections.decode(data, len(data) - len(payload))
         except MalformedPcapng as exc:
             self._malformed(f"bad pcapng payload: {exc}", source)
             return

@@ -376,6 +376,7 @@ class TlvDecoder(StreamDecoder):
         self._interfaces: dict[tuple, Interface] = {}
         self._statics: dict[bytes, tuple[str, int, bytes | None, Interface]] = {}
         self._recent: list[bytes] = []  # most recently used static prefixes first
+        self._tcp_seq: dict[tuple, int] = {}  # foreign HEP over TCP: next sequence per flow
 
     def receive_message(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one message (a UDP datagram, or one message framed from a TCP stream)."""
@@ -592,15 +593,21 @@ class TlvDecoder(StreamDecoder):
         if family is None:
             raise ValueError(f"IP family {chunks[K_FAMILY][0]}")
         src, dst = (K_SRC4, K_DST4) if family == 4 else (K_SRC6, K_DST6)
-        frame = frames.synthesize(
-            family,
-            chunks[K_PROTO][0],
+        proto = chunks[K_PROTO][0]
+        addresses = (
             bytes(chunks[src]),
             bytes(chunks[dst]),
             _U16.unpack(chunks[K_SPORT])[0],
             _U16.unpack(chunks[K_DPORT])[0],
-            bytes(chunks[K_PAYLOAD]),
         )
+        payload = bytes(chunks[K_PAYLOAD])
+        seq = 0
+        if proto == frames.TCP:  # one running sequence number per flow, bounded
+            seq = self._tcp_seq.pop(addresses, 0)
+            self._tcp_seq[addresses] = seq + len(payload)
+            if len(self._tcp_seq) > 4096:
+                del self._tcp_seq[next(iter(self._tcp_seq))]
+        frame = frames.synthesize(family, proto, *addresses, payload, seq)
         capture = _U32.unpack(chunks[K_CAPTURE])[0] if K_CAPTURE in chunks else 0
         host = source[0] if isinstance(source, tuple) else str(source or "")
         stream = self._stream(f"hep:{host}", capture)
