@@ -89,6 +89,8 @@ class Encoder:
         if self.budget < len(self._shb) + 64 + _CB_OVERHEAD + 64:
             raise UsageError(f"MTU {mtu} leaves no room for a report")
         self._known: dict[int, tuple[Interface, int, bytes]] = {}
+        self._epb_head = struct.Struct(self.bo + "IIIIIII").pack
+        self._epb_tail = tuple(struct.Struct(self.bo + "x" * p + "I").pack for p in (0, 3, 2, 1))
         self._by_content: dict[Interface, int] = {}
         self._reset_batch()
         self._next_packet_id = 0
@@ -98,7 +100,7 @@ class Encoder:
     def _reset_batch(self) -> None:
         self._parts: list[bytes] = [self._shb]  # the GRE header goes first, at flush
         self._local: dict[int, int] = {}
-        self._blocks: list[bytes] = []
+        self._blocks = bytearray()  # the packet blocks of the batch, framed in place
         self._size = len(self._shb)
         self._first: float | None = None
 
@@ -116,17 +118,21 @@ class Encoder:
 
     def add(self, packet: Packet, now: float) -> list[bytes]:
         """Take one packet; return the datagrams that became ready (often none)."""
-        _, index, idb = self._interface(packet.interface)
+        iface = packet.interface
+        entry = self._known.get(id(iface))
+        if entry is None or entry[0] is not iface:
+            entry = self._interface(iface)
+        index, idb = entry[1], entry[2]
         self.stats.packets += 1
         data = packet.data
         bo = self.bo
-        opts = (
-            enc.packet_options(bo, packet.flags, packet.comments, packet.options)
-            if packet.flags is not None or packet.comments or packet.options
-            else b""
-        )
+        ts = packet.ts
+        if packet.flags is None and not packet.comments and not packet.options:
+            opts = b""
+        else:
+            opts = enc.packet_options(bo, packet.flags, packet.comments, packet.options)
         n = len(data)
-        spb = packet.ts is None
+        spb = ts is None
         blen = (16 + n + (-n & 3)) if spb else (32 + n + (-n & 3) + len(opts))
         local = self._local.get(index)
         need = blen if local is not None else blen + len(idb)
@@ -142,10 +148,17 @@ class Encoder:
             local = len(self._local)
             self._local[index] = local
             self._parts.append(idb)
+        blocks = self._blocks
         if spb:
-            self._blocks.append(enc.spb(bo, data, packet.origlen))
+            blocks += enc.spb(bo, data, packet.origlen)
+        elif opts:
+            blocks += enc.epb(bo, local, ts, data, packet.origlen, opts)
         else:
-            self._blocks.append(enc.epb(bo, local, packet.ts, data, packet.origlen, opts))
+            blocks += self._epb_head(
+                c.EPB, blen, local, ts >> 32, ts & 0xFFFFFFFF, n, packet.origlen
+            )
+            blocks += data
+            blocks += self._epb_tail[n & 3](blen)
         self._size += need
         if self._first is None:
             self._first = now
@@ -199,7 +212,7 @@ class Encoder:
         return dgram
 
     def _flush_batch(self) -> bytes:
-        self._parts += self._blocks
+        self._parts.append(self._blocks)
         dgram = self._datagram(self._parts)
         self._reset_batch()
         return dgram
