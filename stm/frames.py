@@ -19,7 +19,7 @@ _IPV6_SKIP = (0, 43, 60)  # hop-by-hop, routing, destination options
 _NULL_IPV6 = (10, 24, 28, 30)  # AF_INET6 on Linux, BSDs, macOS
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
-_IPV4 = struct.Struct("!B5xHxB2x4s4s")  # version/IHL, flags/fragment, protocol, addresses
+_IPV4 = struct.Struct("!BxH2xHxB2x4s4s")  # version/IHL, length, fragment, protocol, addresses
 _SIP_PORTS = frozenset((5060, 5061))
 _SIP_STARTS = (
     b"SIP/2.0 ", b"INVITE ", b"ACK ", b"BYE ", b"CANCEL ", b"REGISTER ", b"OPTIONS ",
@@ -38,6 +38,7 @@ class Split(NamedTuple):
     sport: int
     dport: int
     offset: int  # of the transport payload in the frame
+    end: int  # where the IP packet ends: what follows (Ethernet padding, a trailer) is not payload
 
 
 def _network_offset(linktype: int, data: bytes | memoryview) -> tuple[int, int] | None:
@@ -90,15 +91,18 @@ def split(linktype: int, data: bytes | memoryview) -> Split | None:
     if version == 4:
         if off + 20 > n:
             return None
-        vhl, frag, proto, src, dst = _IPV4.unpack_from(data, off)
+        vhl, length, frag, proto, src, dst = _IPV4.unpack_from(data, off)
         ihl = (vhl & 0x0F) * 4
         if vhl >> 4 != 4 or ihl < 20 or frag & 0x3FFF:  # MF or a fragment offset: a fragment
             return None
+        ip_end = off + length if length else n  # 0: a GSO/BIG TCP packet over 64 KB
         off += ihl
     else:
         if off + 40 > n or data[off] >> 4 != 6:
             return None
         proto = data[off + 6]
+        length = _H.unpack_from(data, off + 4)[0]
+        ip_end = off + 40 + length if length else n  # 0: a jumbogram
         src, dst = bytes(data[off + 8 : off + 24]), bytes(data[off + 24 : off + 40])
         off += 40
         while proto in _IPV6_SKIP or proto == 44:
@@ -125,7 +129,9 @@ def split(linktype: int, data: bytes | memoryview) -> Split | None:
     if off + hlen > n:
         return None
     sport, dport = _HH.unpack_from(data, off)
-    return Split(version, proto, src, dst, sport, dport, off + hlen)
+    start = off + hlen
+    end = min(ip_end, n) if ip_end >= start else n  # lengths that make no sense: keep it all
+    return Split(version, proto, src, dst, sport, dport, start, end)
 
 
 def hep_protocol_type(s: Split, payload: bytes | memoryview) -> int:

@@ -283,6 +283,8 @@ class StmChunk(enum.IntEnum):
     0x530B  COMMENT             utf-8: opt_comment; repeatable
     0x530C  FLAGS               u32: pcapng epb_flags
     0x530D  FRAGMENT            u32 packet ID, u32 offset, u32 total length, then bytes
+    0x530E  FRAME_TRAILER       bytes: what follows the IP packet in the frame (Ethernet
+                                padding, a trailer), so frame = HEADER + PAYLOAD + TRAILER
     0x530F  PACKET_OPTIONS      bytes: the other EPB options, as a big-endian option list
     ======  ==================  ==========================================================
     """
@@ -300,6 +302,7 @@ class StmChunk(enum.IntEnum):
     COMMENT = 0x530B
     FLAGS = 0x530C
     FRAGMENT = 0x530D
+    FRAME_TRAILER = 0x530E
     PACKET_OPTIONS = 0x530F
 
 
@@ -317,6 +320,7 @@ STM_VALUE_TYPES: dict[int, ValueType] = {
     StmChunk.COMMENT: ValueType.UTF8,
     StmChunk.FLAGS: ValueType.U32,
     StmChunk.FRAGMENT: ValueType.STM_FRAGMENT,
+    StmChunk.FRAME_TRAILER: ValueType.BYTES,
     StmChunk.PACKET_OPTIONS: ValueType.BYTES,
 }
 """Value layout of each STM chunk type."""

@@ -211,20 +211,21 @@ class TlvEncoder:
             self.stats.dropped += 1
             return []
         if self.oversize == "truncate" and packet.ts is not None:
-            # Everything but the frame bytes, measured on an empty frame, sets what is left.
-            bare = self._message(packet, static, b"", (), ())
-            if bare is not None:
-                room = self.budget - len(bare) - 12  # FRAME_HEADER and PAYLOAD chunk headers
-                for comments, options in ((packet.comments, packet.options), ((), ())):
-                    extra = self._message(packet, static, b"", comments, options)
-                    cut = room - (len(extra) - len(bare)) if extra is not None else -1
-                    if cut >= 0:
-                        message = self._message(
-                            packet, static, packet.data[:cut], comments, options
-                        )
-                        if message is not None and len(message) <= self.budget:
-                            self.stats.truncated += 1
-                            return [self._count(message)]
+            # Measure the message with the headers alone (no payload, no trailer): what is
+            # left of the budget is how much payload can stay.
+            data = packet.data
+            split = frames.split(packet.interface.linktype, data)
+            head = split.offset if split is not None else 0
+            for comments, options in ((packet.comments, packet.options), ((), ())):
+                bare = self._message(packet, static, data[:head], comments, options)
+                if bare is None or len(bare) > self.budget:
+                    continue
+                message = self._message(
+                    packet, static, data[: head + self.budget - len(bare)], comments, options
+                )
+                if message is not None and len(message) <= self.budget:
+                    self.stats.truncated += 1
+                    return [self._count(message)]
         return self._fragments(packet, static)
 
     def _count(self, message: bytes) -> bytes:
@@ -252,7 +253,7 @@ class TlvEncoder:
         split = frames.split(iface.linktype, data)
         if split is not None and ts is not None:
             off = split.offset
-            payload = data[off:]
+            payload = data[off : split.end]
             layout = LAYOUTS[split.family]
             h = layout.headers
             parts = [
@@ -305,7 +306,7 @@ class TlvEncoder:
             if split is None:
                 parts.append(_s(StmChunk.FRAME, data))
             else:
-                payload = data[split.offset :]
+                payload = data[split.offset : split.end]
                 src, dst = (HepChunk.IPV4_SRC, HepChunk.IPV4_DST) if split.family == 4 else (
                     HepChunk.IPV6_SRC, HepChunk.IPV6_DST)  # fmt: skip
                 parts += (
@@ -320,6 +321,8 @@ class TlvEncoder:
                     _g(HepChunk.PAYLOAD, payload),
                 )
         # What only some packets have comes last, after the payload.
+        if split is not None and split.end < len(data):
+            parts.append(_s(StmChunk.FRAME_TRAILER, data[split.end :]))
         if packet.flags is not None:
             parts.append(_s(StmChunk.FLAGS, _U32.pack(packet.flags)))
         if comments:
@@ -437,6 +440,8 @@ class TlvDecoder(StreamDecoder):
             value = data[pos + 6 : pos + clen]
             if ctype == StmChunk.COMMENT:
                 comments.append(bytes(value).decode("utf-8", "surrogateescape"))
+            elif ctype == StmChunk.FRAME_TRAILER:
+                frame += value
             elif ctype == StmChunk.FLAGS and clen == 10:
                 flags = _U32.unpack(value)[0]
             elif ctype == StmChunk.PACKET_OPTIONS:
@@ -527,6 +532,8 @@ class TlvDecoder(StreamDecoder):
                     self._remember(mv, chunks, order)
             else:
                 self._foreign(chunks, n, source)
+        except KeyError as exc:
+            self._malformed(f"a required chunk is missing: 0x{exc.args[0]:08x}", source)
         except (ValueError, IndexError, struct.error, MalformedPcapng, UnicodeError) as exc:
             self._malformed(f"bad chunk value: {exc}", source)
 
@@ -568,7 +575,13 @@ class TlvDecoder(StreamDecoder):
         else:
             frame = chunks.get(S["FRAME"])
             if frame is None:
-                frame = bytes(chunks[S["FRAME_HEADER"]]) + bytes(chunks[K_PAYLOAD])
+                frame = b"".join(
+                    (
+                        chunks[S["FRAME_HEADER"]],
+                        chunks[K_PAYLOAD],
+                        chunks.get(S["FRAME_TRAILER"], b""),
+                    )
+                )
             ts_chunk = chunks.get(S["TIMESTAMP"])
             ts = None if ts_chunk is None else _TS.unpack(ts_chunk)[1]
             flags_chunk = chunks.get(S["FLAGS"])
@@ -593,6 +606,9 @@ class TlvDecoder(StreamDecoder):
         if family is None:
             raise ValueError(f"IP family {chunks[K_FAMILY][0]}")
         src, dst = (K_SRC4, K_DST4) if family == 4 else (K_SRC6, K_DST6)
+        size = 4 if family == 4 else 16
+        if len(chunks[src]) != size or len(chunks[dst]) != size:
+            raise ValueError(f"IPv{family} address chunks of {len(chunks[src])} bytes")
         proto = chunks[K_PROTO][0]
         addresses = (
             bytes(chunks[src]),
@@ -615,6 +631,8 @@ class TlvDecoder(StreamDecoder):
         key = ("hep", capture)
         iface = self._interfaces.get(key)
         if iface is None:
+            if len(self._interfaces) > 4096:
+                self._interfaces.clear()
             iface = self._interfaces[key] = Interface(
                 c.LINKTYPE_RAW, 0, ((c.IF_NAME, f"hep-{capture}"),)
             )
@@ -627,21 +645,28 @@ class TlvDecoder(StreamDecoder):
         self._events.append(Packets(stream, [packet], None))
 
 
-class AutoDecoder(TlvDecoder):
+class AutoDecoder(Decoder, TlvDecoder):
     """Tells format A from format B per datagram (``HEP3`` or a HEP version byte leads a
-    format-B message; anything else is taken for GRE), with one set of streams for both."""
+    format-B message; anything else is taken for GRE): one decoder, one set of streams,
+    bounds and counters for both."""
 
-    def __init__(self, *, protocol_type: int | None = None, verify_checksum: bool = True,
-                 auth_key: bytes | None = None, **limits) -> None:  # fmt: skip
-        super().__init__(auth_key=auth_key, **limits)
-        self._gre = Decoder(protocol_type=protocol_type, verify_checksum=verify_checksum, **limits)
-        # Share the per-stream state and the malformed count, so they come out of one place.
-        for name in ("streams", "_stream_names", "_pending", "_events"):
-            setattr(self._gre, name, getattr(self, name))
-        self._gre._malformed = self._malformed  # type: ignore[method-assign]
+    def __init__(
+        self,
+        *,
+        protocol_type: int | None = None,
+        verify_checksum: bool = True,
+        auth_key: bytes | None = None,
+        **limits,
+    ) -> None:
+        super().__init__(
+            protocol_type=protocol_type,
+            verify_checksum=verify_checksum,
+            auth_key=auth_key,
+            **limits,
+        )
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         if data[:4] == PROTOCOL_ID or data[:1] in (b"\x01", b"\x02"):
             self.receive_message(data, source, now)
         else:
-            self._gre.receive_datagram(data, source, now)
+            Decoder.receive_datagram(self, data, source, now)
