@@ -73,22 +73,30 @@ class PcapngSink:
     def write(self, stream: Stream, packets: list[Packet], now: float | None = None) -> None:
         """Append packets of one stream (from a ``Packets`` event)."""
         w = self.writer
+        write_packet = w.write_packet
+        last_iface = last_ifid = None  # the packets of one report mostly share an interface
+        written = 0
         for pkt in packets:
-            ifid = self._ifid(stream, pkt.interface)
+            iface = pkt.interface
+            if iface is not last_iface:
+                last_iface, last_ifid = iface, self._ifid(stream, iface)
+            ifid = last_ifid
             if ifid is None:
                 self.rejected += 1
                 continue
             ts = pkt.ts
             if ts is None:
-                w.write_packet(
+                write_packet(
                     ifid,
                     _ticks(w.interfaces[ifid], time.time() if now is None else now),
                     pkt.data,
                     origlen=pkt.origlen,
                     options=(ARRIVAL_TIME,),
                 )
+            elif pkt.flags is None and not pkt.comments and not pkt.options:
+                write_packet(ifid, ts, pkt.data, origlen=pkt.origlen)
             else:
-                w.write_packet(
+                write_packet(
                     ifid,
                     ts,
                     pkt.data,
@@ -97,7 +105,8 @@ class PcapngSink:
                     comments=pkt.comments,
                     options=pkt.options,
                 )
-            self.packets += 1
+            written += 1
+        self.packets += written
 
     def loss(self, stream: Stream, lost: int, now: float | None = None) -> None:
         """Record that ``lost`` datagrams of ``stream`` are missing so far (net of late
