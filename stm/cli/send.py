@@ -198,9 +198,7 @@ def main(
     if not 0 <= ptype <= 0xFFFF:
         raise UsageError("--protocol-type must fit 16 bits")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
-    stream = stream_id_for(producer) if key is None else key
-    if not 0 <= stream <= 0xFFFFFFFF:
-        raise UsageError("--stream-id must fit 32 bits")
+    stream = stream_id_for(producer, key)
     senders = open_senders(destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy)
     ip_header = max(s.ip_header for s in senders)
     if fmt == "gre":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 from typing import Literal
 
+from stm.errors import UsageError
 from stm.pcapng import constants as c
 
 # IANA Private Enterprise Number under which stm's custom options and blocks are written.
@@ -20,9 +21,19 @@ Oversize = Literal["fragment", "truncate", "drop"]
 OVERSIZE_POLICIES = ("fragment", "truncate", "drop")
 
 
-def stream_id_for(producer: str) -> int:
-    """The default stream ID (GRE key, HEP capture ID) of a producer: CRC-32 of its name."""
-    return zlib.crc32(producer.encode("utf-8"))
+def stream_id_for(producer: str, stream_id: int | None = None) -> int:
+    """The stream ID (GRE key, HEP capture ID): ``stream_id`` if given, else a CRC-32 of the
+    producer's name; UsageError when it does not fit 32 bits."""
+    if stream_id is None:
+        return zlib.crc32(producer.encode("utf-8"))
+    if not 0 <= stream_id <= 0xFFFFFFFF:
+        raise UsageError(f"stream ID {stream_id} does not fit 32 bits")
+    return stream_id
+
+
+def check_oversize(oversize: str) -> None:
+    if oversize not in OVERSIZE_POLICIES:
+        raise UsageError(f"oversize must be fragment, truncate or drop, not {oversize!r}")
 
 
 def stm_option(key: str, value: str) -> tuple[int, tuple[int, bytes]]:

@@ -25,11 +25,11 @@ from stm.pcapng.writer import HOST_ORDER
 from stm.report.common import (
     IPV4_HEADER,
     MAX_UDP_PAYLOAD,
-    OVERSIZE_POLICIES,
     STM_PEN,
     UDP_HEADER,
     EncoderStats,
     Oversize,
+    check_oversize,
     stm_option,
     stm_options,
     stream_id_for,
@@ -62,12 +62,9 @@ class Encoder:
         session: int | None = None,
         sequence: int = 0,
     ) -> None:
-        if oversize not in OVERSIZE_POLICIES:
-            raise UsageError(f"oversize must be fragment, truncate or drop, not {oversize!r}")
+        check_oversize(oversize)
         self.producer = producer
-        self.stream_id = stream_id_for(producer) if stream_id is None else stream_id
-        if not 0 <= self.stream_id <= 0xFFFFFFFF:
-            raise UsageError(f"stream ID {stream_id} does not fit 32 bits")
+        self.stream_id = stream_id_for(producer, stream_id)
         self.session = int.from_bytes(os.urandom(8), "big") if session is None else session
         self.oversize = oversize
         self.linger = linger

@@ -26,10 +26,10 @@ from stm.pcapng.records import Interface, Packet
 from stm.report.common import (
     IPV4_HEADER,
     MAX_UDP_PAYLOAD,
-    OVERSIZE_POLICIES,
     UDP_HEADER,
     EncoderStats,
     Oversize,
+    check_oversize,
     stm_option,
     stream_id_for,
     without_stm_options,
@@ -151,12 +151,9 @@ class TlvEncoder:
         sequence: int = 0,
         auth_key: bytes | None = None,
     ) -> None:
-        if oversize not in OVERSIZE_POLICIES:
-            raise UsageError(f"oversize must be fragment, truncate or drop, not {oversize!r}")
+        check_oversize(oversize)
         self.producer = producer
-        self.stream_id = stream_id_for(producer) if stream_id is None else stream_id
-        if not 0 <= self.stream_id <= 0xFFFFFFFF:
-            raise UsageError(f"stream ID {stream_id} does not fit 32 bits")
+        self.stream_id = stream_id_for(producer, stream_id)
         self.session = os.urandom(8) if session is None else session
         self.oversize = oversize
         self.sequence = sequence & 0xFFFFFFFF

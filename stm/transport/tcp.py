@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from stm.errors import ProtocolError, UsageError
-from stm.transport.url import Endpoint
+from stm.transport.url import Endpoint, resolve
 
 __all__ = ["BATCH_BYTES", "READ_SIZE", "Framer", "TcpListener", "TcpSender"]
 
@@ -66,18 +66,6 @@ class Framer(Protocol):
     def receive_data(self, data: bytes) -> None: ...
 
     def next_message(self) -> Any: ...
-
-
-def _resolve(host: str, port: int, passive: bool = False) -> tuple[int, tuple]:
-    """The first TCP address of ``host``; UsageError when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0
-        )
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    return family, addr
 
 
 def _peer_name(addr: Any) -> str:
@@ -132,7 +120,7 @@ class TcpSender:
             raise UsageError(f"queue_limit must be a positive int, not {queue_limit!r}")
         if connect_timeout <= 0 or backoff_initial <= 0 or backoff_max < backoff_initial:
             raise UsageError("need connect_timeout > 0 and 0 < backoff_initial <= backoff_max")
-        family, _ = _resolve(host, port)
+        family, _ = resolve(host, port, socket.SOCK_STREAM)
         self.host = host
         self.port = port
         self.url = str(Endpoint("tcp", host, port))
@@ -507,7 +495,7 @@ class TcpListener:
     ) -> None:
         if max_connections < 1 or max_buffer < 1:
             raise UsageError("max_connections and max_buffer must be positive")
-        family, addr = _resolve(host, port, passive=True)
+        family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             if os.name != "nt":  # restart at once despite TIME_WAIT; on Windows it means steal

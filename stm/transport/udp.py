@@ -8,23 +8,12 @@ import socket
 import time
 
 from stm.errors import UsageError
+from stm.transport.url import resolve
 
 RECV_BUFFER = 64 << 20
 SEND_BUFFER = 8 << 20
 _SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-
-
-def resolve(host: str, port: int, passive: bool = False) -> tuple[int, tuple]:
-    """The first address of ``host`` for UDP; UsageError when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE if passive else 0
-        )
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    return family, addr
 
 
 def _grow_buffer(sock: socket.socket, force: int, plain: int, size: int) -> int:
@@ -42,7 +31,7 @@ class UdpSender:
     """Sends datagrams to one destination, from a stable source port where it can."""
 
     def __init__(self, host: str, port: int, *, source_port: int | None = None) -> None:
-        family, addr = resolve(host, port)
+        family, addr = resolve(host, port, socket.SOCK_DGRAM)
         self.family = family
         self.ip_header = 40 if family == socket.AF_INET6 else 20
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -78,7 +67,7 @@ class UdpReceiver:
     """A bound, non-blocking UDP socket with the largest receive buffer the OS allows."""
 
     def __init__(self, host: str, port: int) -> None:
-        family, addr = resolve(host, port, passive=True)
+        family, addr = resolve(host, port, socket.SOCK_DGRAM, passive=True)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.buffer = _grow_buffer(self.sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER)
         try:

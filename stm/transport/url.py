@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -42,3 +43,16 @@ def parse_url(url: str, *, default_port: int | None = None, schemes=SCHEMES) -> 
         port = default_port
     query = tuple((k, v[-1]) for k, v in parse_qs(parts.query).items())
     return Endpoint(parts.scheme, parts.hostname, port, parts.path, query)
+
+
+def resolve(
+    host: str, port: int, kind: socket.SocketKind, passive: bool = False
+) -> tuple[int, tuple]:
+    """The first address of ``host`` for a socket of ``kind``; UsageError when it does not
+    resolve (a one-line message, not a traceback)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE if passive else 0)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    return family, addr
