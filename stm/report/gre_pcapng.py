@@ -41,6 +41,7 @@ from stm.report.streams import StreamDecoder
 FRAGMENT_KIND = 1  # kind of stm custom block: a piece of a packet block too big for a datagram
 _FRAG = {bo: struct.Struct(bo + "IHHIII") for bo in "<>"}  # pen, kind, 0, id, offset, total
 _FRAG_HEADER = 20
+_GRE_KS = struct.Struct("!HHII")  # flags, protocol type, key, sequence
 _CB_OVERHEAD = 12 + _FRAG_HEADER
 
 
@@ -247,16 +248,21 @@ class Decoder(StreamDecoder):
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one datagram payload (GRE header onwards)."""
-        try:
-            ptype, key, seq, _, payload = gre.parse(data, self.verify_checksum)
-        except MalformedReport as exc:
-            self._malformed(str(exc), source)
-            return
+        if data[:2] == b"\x30\x00" and len(data) >= 12:  # K and S, as stm sends: no call
+            _, ptype, key, seq = _GRE_KS.unpack_from(data)
+            start = 12
+        else:
+            try:
+                ptype, key, seq, _, payload = gre.parse(data, self.verify_checksum)
+            except MalformedReport as exc:
+                self._malformed(str(exc), source)
+                return
+            start = len(data) - len(payload)
         if self.protocol_type is not None and ptype != self.protocol_type:
             self._malformed(f"GRE protocol type 0x{ptype:04x}", source)
             return
         try:
-            section, ifaces, packets, custom = self._sections.decode(data, len(data) - len(payload))
+            section, ifaces, packets, custom = self._sections.decode(data, start)
         except MalformedPcapng as exc:
             self._malformed(f"bad pcapng payload: {exc}", source)
             return
