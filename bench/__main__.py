@@ -21,6 +21,8 @@ from bench.common import Row, log, machine, table
 # name -> (module, one-line description); each module is imported to build the parser.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "pcapng": ("bench.pcapng", "pcapng read/write vs editcap and python-pcapng, read memory"),
+    "report": ("bench.report", "format A/B encode and decode in memory, packets/s vs editcap"),
+    "loopback": ("bench.loopback", "stm-send -> stm-recv over loopback UDP/TCP, loss, memory"),
 }
 
 
