@@ -147,10 +147,11 @@ def open_senders(destinations, fmt, source_port, queue, queue_policy):
 )
 @click.option(
     "--queue-policy",
-    type=click.Choice(["drop-oldest", "block"]),
-    default="drop-oldest",
+    type=click.Choice(["block", "drop-oldest"]),
+    default="block",
     show_default=True,
-    help="When the TCP queue is full: drop the oldest (and count) or wait.",
+    help="When the TCP queue is full: wait for the collector (nothing lost), or drop the "
+    "oldest report and count it (a live source that must never stall).",
 )
 @click.option(
     "--drain-timeout",

@@ -87,6 +87,7 @@ class Encoder:
         if self.budget < len(self._shb) + 64 + _CB_OVERHEAD + 64:
             raise UsageError(f"MTU {mtu} leaves no room for a report")
         self._known: dict[int, tuple[Interface, int, bytes]] = {}
+        self._last_entry: tuple = (None, 0, b"")  # the interface of the last packet
         self._epb_head = struct.Struct(self.bo + "IIIIIII").pack
         self._epb_tail = tuple(struct.Struct(self.bo + "x" * p + "I").pack for p in (0, 3, 2, 1))
         self._by_content: dict[Interface, int] = {}
@@ -117,9 +118,12 @@ class Encoder:
     def add(self, packet: Packet, now: float) -> list[bytes]:
         """Take one packet; return the datagrams that became ready (often none)."""
         iface = packet.interface
-        entry = self._known.get(id(iface))
-        if entry is None or entry[0] is not iface:
-            entry = self._interface(iface)
+        entry = self._last_entry
+        if entry[0] is not iface:
+            entry = self._known.get(id(iface))
+            if entry is None or entry[0] is not iface:
+                entry = self._interface(iface)
+            self._last_entry = entry
         index, idb = entry[1], entry[2]
         self.stats.packets += 1
         data = packet.data
@@ -245,6 +249,7 @@ class Decoder(StreamDecoder):
         self.verify_checksum = verify_checksum
         self._sections = SectionDecoder()
         self._section_info: dict[int, tuple[Section, str, str | None]] = {}
+        self._last: tuple = (None, None, None, None)  # section, key, stream, state
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one datagram payload (GRE header onwards)."""
@@ -266,15 +271,20 @@ class Decoder(StreamDecoder):
         except MalformedPcapng as exc:
             self._malformed(f"bad pcapng payload: {exc}", source)
             return
-        info = self._section_info.get(id(section))
-        if info is None or info[0] is not section:
-            opts = stm_options(section.options)
-            info = (section, opts.get("producer", ""), opts.get("session"))
-            if len(self._section_info) > 4096:
-                self._section_info.clear()
-            self._section_info[id(section)] = info
-        stream = self._stream(info[1], key)
-        state = self._state(stream, info[2])
+        last = self._last
+        if last[0] is section and last[1] == key and self.streams.get(last[2]) is last[3]:
+            stream, state = last[2], last[3]  # the same stream as the last report: no lookups
+        else:
+            info = self._section_info.get(id(section))
+            if info is None or info[0] is not section:
+                opts = stm_options(section.options)
+                info = (section, opts.get("producer", ""), opts.get("session"))
+                if len(self._section_info) > 4096:
+                    self._section_info.clear()
+                self._section_info[id(section)] = info
+            stream = self._stream(info[1], key)
+            state = self._state(stream, info[2])
+            self._last = (section, key, stream, state)
         if seq is not None and not self._track(stream, state, seq):
             return
         stats = state.stats

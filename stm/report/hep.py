@@ -401,7 +401,7 @@ class TlvDecoder(StreamDecoder):
         """Our own messages of IP packets: static chunks known from an earlier message, the
         fixed chunks in one unpack. False (and nothing done) for anything else."""
         for static in self._recent:
-            if data[6 : 6 + len(static)] == static:
+            if data.startswith(static, 6):
                 break
         else:
             return False

@@ -73,6 +73,7 @@ class StreamDecoder:
     ) -> None:
         self.max_streams = max_streams
         self.window = window
+        self._window_mask = (1 << window) - 1
         self.max_pending_packets = max_pending_packets
         self.max_pending_bytes = max_pending_bytes
         self.fragment_timeout = fragment_timeout
@@ -130,9 +131,15 @@ class StreamDecoder:
 
     def _track(self, stream: Stream, state: _StreamState, seq: int) -> bool:
         """Sequence accounting; False when the report must be dropped as a duplicate."""
+        top = state.top
+        if top is not None and seq == (top + 1) & 0xFFFFFFFF:  # in order: the usual case
+            state.top = seq
+            state.mask = ((state.mask << 1) | 1) & self._window_mask
+            if state.span < self.window:
+                state.span += 1
+            return True
         window = self.window
         stats = state.stats
-        top = state.top
         if top is not None:
             d = gre.seq_diff(seq, top)
             if d > 0:
@@ -140,7 +147,7 @@ class StreamDecoder:
                     stats.lost += d - 1
                     self._events.append(Gap(stream, d - 1, seq))
                 state.top = seq
-                state.mask = ((state.mask << d) | 1) & ((1 << window) - 1) if d < window else 1
+                state.mask = ((state.mask << d) | 1) & self._window_mask if d < window else 1
                 state.span = min(window, state.span + d)
                 return True
             k = -d
