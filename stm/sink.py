@@ -15,7 +15,7 @@ from stm.errors import UsageError
 from stm.pcapng import constants as c
 from stm.pcapng.records import Interface, Packet
 from stm.pcapng.writer import Writer
-from stm.report import STM_PEN, Stream, stm_options, without_stm_options
+from stm.report import STM_PEN, PacketBlocks, Stream, stm_options, without_stm_options
 
 # A packet from a Simple Packet Block has no capture time: it is written with its time of
 # arrival, marked by this stm custom option so its comments stay exactly the source's.
@@ -107,6 +107,13 @@ class PcapngSink:
                 )
             written += 1
         self.packets += written
+
+    def write_blocks(self, event: PacketBlocks) -> None:
+        """Append the EPBs of a ``PacketBlocks`` event whole, with interfaces renumbered."""
+        ids = [self._ifid(event.stream, iface) for iface in event.interfaces]
+        written = self.writer.copy_epbs(event.data, event.start, ids)
+        self.packets += written
+        self.rejected += event.count - written
 
     def loss(self, stream: Stream, lost: int, now: float | None = None) -> None:
         """Record that ``lost`` datagrams of ``stream`` are missing so far (net of late

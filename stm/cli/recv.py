@@ -22,12 +22,14 @@ from stm.cli.common import (
     verbosity_options,
 )
 from stm.errors import UsageError
+from stm.pcapng.writer import HOST_ORDER
 from stm.report import (
     AutoDecoder,
     Decoder,
     FragmentsExpired,
     Gap,
     Malformed,
+    PacketBlocks,
     Packets,
     Restarted,
     TlvDecoder,
@@ -125,7 +127,9 @@ class Collector:
     def _events(self) -> None:
         sink = self.sink
         for ev in self.decoder.events():
-            if type(ev) is Packets:
+            if type(ev) is PacketBlocks:
+                sink.write_blocks(ev)
+            elif type(ev) is Packets:
                 sink.write(ev.stream, ev.packets)
             elif isinstance(ev, Gap):
                 sink.loss(ev.stream, self.decoder.stats(ev.stream).lost)
@@ -236,12 +240,15 @@ def main(
     ptype = parse_int(protocol_type, "--protocol-type")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
     limits = {"max_streams": max_streams}
+    # Reports already in the output's byte order are copied block by block (PacketBlocks).
     if fmt == "gre":
-        decoder = Decoder(protocol_type=ptype, **limits)
+        decoder = Decoder(protocol_type=ptype, raw_byte_order=HOST_ORDER, **limits)
     elif fmt == "tlv":
         decoder = TlvDecoder(auth_key=auth_key, **limits)
     else:
-        decoder = AutoDecoder(protocol_type=ptype, auth_key=auth_key, **limits)
+        decoder = AutoDecoder(
+            protocol_type=ptype, raw_byte_order=HOST_ORDER, auth_key=auth_key, **limits
+        )
     collector = Collector([], decoder, None, count=count, duration=duration)
     receivers = []
     try:

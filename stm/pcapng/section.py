@@ -78,6 +78,52 @@ class SectionDecoder:
             off = end
         return section, ifaces, packets, []
 
+    def decode_run(
+        self, data: bytes, start: int = 0
+    ) -> tuple[Section, list[Interface], int, int] | None:
+        """The bulk variant of ``decode`` for relays: when ``data[start:]`` is a known SHB+IDB
+        prefix followed only by well-formed EPBs, return (section, interfaces, offset of the
+        first EPB, number of EPBs), having checked every EPB but built no object per packet;
+        else None (call ``decode``, which also says what is wrong, if anything)."""
+        for prefix in self._recent:
+            if data.startswith(prefix, start):
+                break
+        else:
+            return None
+        section, ifaces = self._prefixes[prefix]
+        epb7, u32, _ = _S[section.byte_order]
+        unpack7 = epb7.unpack_from
+        unpack4 = u32.unpack_from
+        n = len(data)
+        nif = len(ifaces)
+        first = off = start + len(prefix)
+        count = 0
+        EPB = c.EPB
+        while off < n:
+            if off + 28 > n:
+                return None
+            btype, blen, ifid, _, _, caplen, _ = unpack7(data, off)
+            end = off + blen
+            if (
+                btype != EPB
+                or blen < 32
+                or blen & 3
+                or end > n
+                or ifid >= nif
+                or off + 28 + caplen > end - 4
+                or unpack4(data, end - 4)[0] != blen
+            ):
+                return None
+            if off + 32 + caplen + (-caplen & 3) < end:  # options: check them like decode()
+                try:
+                    decode_options(memoryview(data), off + 28 + caplen + (-caplen & 3),
+                                   end - 4, section.byte_order, EPB_KINDS, -start)  # fmt: skip
+                except MalformedPcapng:
+                    return None
+            off = end
+            count += 1
+        return section, ifaces, first, count
+
     def _slow(self, data: bytes, start: int) -> Decoded:
         """The general reader, which also remembers the SHB+IDB prefix for the next time."""
         reader = Reader(max_block_size=self.max_block_size)

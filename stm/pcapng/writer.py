@@ -53,6 +53,8 @@ class Writer:
         self._epb_head = struct.Struct(bo + "IIIIIII").pack
         # Padding and trailing length together, one packer per padding size.
         self._epb_tail = tuple(struct.Struct(bo + "x" * pad + "I").pack for pad in (0, 3, 2, 1))
+        self._epb_ids = struct.Struct(bo + "III")  # block type, length, interface ID
+        self._epb_id = struct.Struct(bo + "I")
         self.interfaces: list[Interface] = []
         self.packets = 0
         self.new_section(options)
@@ -223,6 +225,33 @@ class Writer:
             self._put(enc.block(bo, block.block_type, block.body))
         else:
             raise UsageError(f"cannot write {type(block).__name__} with write_block")
+
+    def copy_epbs(self, data: bytes, start: int, interface_ids: list[int | None]) -> int:
+        """Copy the EPBs in ``data[start:]`` (already checked, in this writer's byte order)
+        whole, renumbering their interfaces: ``interface_ids[i]`` is the ID here of their
+        interface ``i``, or None to leave its packets out. Returns how many were written.
+
+        A relay's hot path: no object per packet, three slices copied per block."""
+        mv = memoryview(data)
+        buf = self._buf
+        head = self._epb_ids.unpack_from
+        pack_id = self._epb_id.pack
+        n = len(data)
+        off = start
+        written = 0
+        while off < n:
+            _, blen, ifid = head(data, off)
+            new = interface_ids[ifid]
+            if new is not None:
+                buf += mv[off : off + 8]
+                buf += pack_id(new)
+                buf += mv[off + 12 : off + blen]
+                written += 1
+            off += blen
+        self.packets += written
+        if len(buf) >= _FLUSH_AT:
+            self._drain()
+        return written
 
     def write_raw(self, blocks: bytes | memoryview) -> None:
         """Append whole blocks already encoded in this writer's byte order."""

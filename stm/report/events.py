@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stm.pcapng.records import Packet
+from stm.pcapng.records import Interface, Packet
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,21 @@ class Packets:
 
     stream: Stream
     packets: list[Packet]
+    sequence: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PacketBlocks:
+    """The packets of one report as their EPBs, checked but not parsed, for a relay that
+    copies them whole (a decoder built with ``raw_byte_order`` emits these instead of
+    ``Packets`` when the report is in that byte order). ``data[start:]`` holds ``count``
+    EPBs whose interface IDs index ``interfaces``."""
+
+    stream: Stream
+    interfaces: list[Interface]
+    data: bytes
+    start: int
+    count: int
     sequence: int | None
 
 
@@ -76,7 +91,9 @@ class Malformed:
     source: object = None
 
 
-Event = Packets | Gap | Duplicate | Reordered | Restarted | FragmentsExpired | Malformed
+Event = (
+    Packets | PacketBlocks | Gap | Duplicate | Reordered | Restarted | FragmentsExpired | Malformed
+)
 
 
 class StreamStats:

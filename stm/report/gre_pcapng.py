@@ -35,7 +35,7 @@ from stm.report.common import (
     stream_id_for,
     without_stm_options,
 )
-from stm.report.events import Packets
+from stm.report.events import PacketBlocks, Packets
 from stm.report.streams import StreamDecoder
 
 FRAGMENT_KIND = 1  # kind of stm custom block: a piece of a packet block too big for a datagram
@@ -242,11 +242,14 @@ class Decoder(StreamDecoder):
         *,
         protocol_type: int | None = gre.STM_PROTOCOL_TYPE,
         verify_checksum: bool = True,
+        raw_byte_order: str | None = None,
         **limits,
     ) -> None:
         super().__init__(**limits)
         self.protocol_type = protocol_type
         self.verify_checksum = verify_checksum
+        # A relay writing pcapng in this byte order takes reports in it as PacketBlocks.
+        self.raw_byte_order = raw_byte_order
         self._sections = SectionDecoder()
         self._section_info: dict[int, tuple[Section, str, str | None]] = {}
         self._last: tuple = (None, None, None, None)  # section, key, stream, state
@@ -266,11 +269,19 @@ class Decoder(StreamDecoder):
         if self.protocol_type is not None and ptype != self.protocol_type:
             self._malformed(f"GRE protocol type 0x{ptype:04x}", source)
             return
-        try:
-            section, ifaces, packets, custom = self._sections.decode(data, start)
-        except MalformedPcapng as exc:
-            self._malformed(f"bad pcapng payload: {exc}", source)
-            return
+        run = None
+        if self.raw_byte_order is not None:
+            run = self._sections.decode_run(data, start)
+            if run is not None and run[0].byte_order != self.raw_byte_order:
+                run = None
+        if run is not None:
+            section, ifaces, first, count = run
+        else:
+            try:
+                section, ifaces, packets, custom = self._sections.decode(data, start)
+            except MalformedPcapng as exc:
+                self._malformed(f"bad pcapng payload: {exc}", source)
+                return
         last = self._last
         if last[0] is section and last[1] == key and self.streams.get(last[2]) is last[3]:
             stream, state = last[2], last[3]  # the same stream as the last report: no lookups
@@ -290,6 +301,11 @@ class Decoder(StreamDecoder):
         stats = state.stats
         stats.datagrams += 1
         stats.bytes += len(data)
+        if run is not None:
+            if count:
+                stats.packets += count
+                self._events.append(PacketBlocks(stream, ifaces, data, first, count, seq))
+            return
         for block in custom:
             pkt = self._fragment(stream, state, block, section, ifaces, source, now)
             if pkt is not None:

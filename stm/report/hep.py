@@ -652,12 +652,14 @@ class AutoDecoder(Decoder, TlvDecoder):
         *,
         protocol_type: int | None = None,
         verify_checksum: bool = True,
+        raw_byte_order: str | None = None,
         auth_key: bytes | None = None,
         **limits,
     ) -> None:
         super().__init__(
             protocol_type=protocol_type,
             verify_checksum=verify_checksum,
+            raw_byte_order=raw_byte_order,
             auth_key=auth_key,
             **limits,
         )
