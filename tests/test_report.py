@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loss_schedule import expected_counters, schedule
 
 from stm import gre, pcapng
 from stm.pcapng import Interface, InterfaceStatistics, Packet, Writer
@@ -496,38 +497,6 @@ def build_stream(seed: int, sequence: int = 0, n_packets: int = 600):
         sorted(bytes(p.data) for p in delivered(decode([d])[1])) for d in dgrams
     ]  # what each datagram carries, decoded alone
     return dgrams, per_dgram
-
-
-def schedule(n: int, rng: random.Random):
-    """Arrival order of datagram indexes; the first and last are never lost nor delayed."""
-    dropped = set()
-    slots = []
-    for i in range(n):
-        edge = i in (0, n - 1)
-        if not edge and rng.random() < 0.08:
-            dropped.add(i)
-            continue
-        delay = rng.randrange(1, 15) if not edge and rng.random() < 0.12 else 0
-        slots.append((i + delay + 0.5, i))
-        if not edge and rng.random() < 0.08:
-            slots.append((i + rng.randrange(0, 30) + 0.75, i))  # a duplicate, later or not
-    return [i for _, i in sorted(slots)], dropped
-
-
-def expected_counters(order):
-    top, seen = None, set()
-    dup = reord = gaps = 0
-    for i in order:
-        if i in seen:
-            dup += 1
-            continue
-        if top is not None and i < top:
-            reord += 1
-        elif top is not None and i > top + 1:
-            gaps += i - top - 1
-        seen.add(i)
-        top = i if top is None else max(top, i)
-    return dup, reord, gaps
 
 
 @pytest.mark.parametrize("sequence", [0, 2**32 - 3, 2**32 - 150])
