@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,3 +17,14 @@ def corpus_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared capture corpus not found at {path} (set STM_CORPUS to its folder)")
     return path
+
+
+@pytest.fixture
+def procs():
+    """Subprocesses started by a test; any still running at teardown are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)

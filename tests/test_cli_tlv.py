@@ -42,17 +42,6 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def procs():
-    """Subprocesses started by a test; any still running at teardown are killed."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 class Receiver:
     """stm-recv in a subprocess; stdout and stderr go to files so every wait is bounded."""
 

@@ -43,17 +43,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def procs():
-    """Subprocesses started by a test; any still running at teardown are killed."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-            p.wait(10)
-
-
 def sngrep(*args: str) -> list[str]:
     # -F: no user config file, so a local ~/.sngreprc cannot change the behaviour
     return ["sngrep", "-F", "-N", "-q", *args]
