@@ -5,6 +5,10 @@ generated file, ``--packets`` of ``--size`` bytes) are read into a list first, s
 is not timed. Then, each best of ``--repeat``:
 
 * format A encode: ``gre_pcapng.Encoder.add`` over every packet, then ``flush``;
+* format A encode raw: the file read again in the reader's bulk mode
+  (``Reader(raw_packets=True)``) and every run of packet blocks through
+  ``Encoder.add_raw``, no ``Packet`` per packet: reading *is* timed in this row (it is what
+  stm-send does), and its datagrams must be byte-identical to those of ``add``;
 * format A decode: ``Decoder.receive_datagram`` over those datagrams, draining ``events()``
   after each one, as ``stm-recv`` does;
 * format A decode + sink: the same, with every ``Packets`` event written by ``PcapngSink``
@@ -101,6 +105,28 @@ def encode_a(packets: list[Packet], mtu: int = 1500) -> list[bytes]:
         ready = add(p, NOW)
         if ready:
             extend(ready)
+    out += enc.flush()
+    return out
+
+
+def encode_a_raw(path: Path, mtu: int = 1500) -> list[bytes]:
+    """Format A from the file: the reader's bulk mode, each run through ``Encoder.add_raw``
+    (reading included); a classic pcap record, the one ``Packet`` bulk mode yields, to ``add``.
+    """
+    enc = Encoder(PRODUCER, session=0, mtu=mtu)
+    out: list[bytes] = []
+    interfaces: list[sp.Interface] = []
+    add_raw = enc.add_raw
+    for ev in sp.read_events(path, raw_packets=True):
+        kind = type(ev)
+        if kind is sp.RawPackets:
+            out += add_raw(ev, interfaces, NOW)
+        elif kind is sp.Interface:
+            interfaces.append(ev)
+        elif kind is sp.Section:
+            interfaces = []
+        elif kind is Packet:
+            out += enc.add(ev, NOW)
     out += enc.flush()
     return out
 
@@ -259,6 +285,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     reports_a: list[bytes] = t.result
     per = n / len(reports_a)
     enc_a = ctx.add("A", "encode (Encoder.add)", t, note=f"{per:.1f} packets per datagram")
+    t = ctx.time(lambda: encode_a_raw(path), lambda _: n)
+    if t.result != reports_a:
+        raise RuntimeError("format A: add_raw's datagrams differ from add's")
+    t.result = None
+    note = "file read in bulk mode, reading included; datagrams identical to add's"
+    raw_a = ctx.add("A", "encode raw (bulk Reader + add_raw)", t, note=note)
     t = ctx.time(lambda: decode("A", reports_a), int)
     dec_a = ctx.add("A", "decode (receive_datagram)", t, note="events drained per datagram")
     t = ctx.time(lambda: decode_sink("A", reports_a), int)
@@ -283,7 +315,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     t = ctx.time(lambda: decode_sink("B", reports_b), int)
     sink_b = ctx.add("B", "decode + PcapngSink", t, note="written to a BytesIO")
 
-    for row in (enc_a, dec_a, sink_a, enc_b, dec_b, sink_b):
+    for row in (enc_a, raw_a, dec_a, sink_a, enc_b, dec_b, sink_b):
         _ratio(row, editcap)
     check("A", packets, reports_a)
     check("B", packets, reports_b)
@@ -294,5 +326,6 @@ def run(args: argparse.Namespace) -> list[Row]:
     return [
         *ctx.rows,
         _target("format A encode", enc_a, ENCODE_A_TARGET),
+        _target("format A encode raw, reading included", raw_a, ENCODE_A_TARGET),
         _target("format A decode", dec_a, DECODE_A_TARGET),
     ]

@@ -18,7 +18,7 @@ from stm.cli.common import (
     setup_logging,
     verbosity_options,
 )
-from stm.errors import UsageError
+from stm.errors import MalformedPcapng, UsageError
 from stm.report import Encoder, TlvEncoder, stream_id_for
 from stm.transport.tcp import TcpSender
 from stm.transport.udp import UdpSender
@@ -203,16 +203,23 @@ def main(
     senders = open_senders(destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy)
     ip_header = max(s.ip_header for s in senders)
     if fmt == "gre":
-        encoder = Encoder(
-            producer,
-            stream,
-            mtu=mtu,
-            ip_header=ip_header,
-            linger=linger,
-            oversize=oversize,
-            checksum=checksum,
-            protocol_type=ptype,
-        )
+
+        def gre_encoder(byte_order: str | None = None) -> Encoder:
+            return Encoder(
+                producer,
+                stream,
+                mtu=mtu,
+                ip_header=ip_header,
+                linger=linger,
+                oversize=oversize,
+                checksum=checksum,
+                protocol_type=ptype,
+                byte_order=byte_order,
+            )
+
+        # Made now so that bad settings fail before any input is read; made again in the
+        # byte order of the first section, so its packet blocks can be copied as they are.
+        encoder = gre_encoder()
     else:
         only_tcp = all(isinstance(s, TcpSender) for s in senders)
         encoder = TlvEncoder(
@@ -233,14 +240,45 @@ def main(
     started = time.monotonic()
     count = 0
     monotonic = time.monotonic
+    first_section = fmt == "gre"  # the encoder still has to take the input's byte order
     try:
         for path in files:
             source = sys.stdin.buffer if path == "-" else path
-            for packet in pcapng.read(source):
+            if fmt == "gre" and rate is None:
+                # The fast path: runs of packet blocks copied whole (a pcap record, which
+                # has no block to copy, still comes as a Packet).
+                interfaces: list[pcapng.Interface] = []
+                for event in pcapng.read_events(source, raw_packets=True):
+                    kind = type(event)
+                    if kind is pcapng.RawPackets:
+                        try:
+                            emit(encoder.add_raw(event, interfaces, monotonic()))
+                        except MalformedPcapng as exc:
+                            emit(getattr(exc, "datagrams", []))
+                            raise
+                    elif kind is pcapng.Packet:
+                        now = monotonic()
+                        emit(encoder.add(event, now) or encoder.poll(now))
+                    elif kind is pcapng.Interface:
+                        interfaces.append(event)
+                    elif kind is pcapng.Section:
+                        interfaces = []
+                        if first_section:
+                            first_section = False
+                            if event.byte_order != encoder.bo:
+                                encoder = gre_encoder(event.byte_order)
+                continue
+            for event in pcapng.read_events(source):
+                if type(event) is not pcapng.Packet:
+                    if first_section and type(event) is pcapng.Section:
+                        first_section = False
+                        if event.byte_order != encoder.bo:
+                            encoder = gre_encoder(event.byte_order)
+                    continue
                 now = monotonic()
                 if rate is not None:
                     now = _pace(started + count / rate, now, encoder, emit)
-                emit(encoder.add(packet, now) or encoder.poll(now))
+                emit(encoder.add(event, now) or encoder.poll(now))
                 count += 1
     finally:
         emit(encoder.flush())

@@ -19,7 +19,8 @@ from stm import __version__, gre
 from stm.errors import MalformedPcapng, MalformedReport, UsageError
 from stm.pcapng import constants as c
 from stm.pcapng import encode as enc
-from stm.pcapng.records import CustomBlock, Interface, Packet, Section
+from stm.pcapng.block import packet_from_block
+from stm.pcapng.records import CustomBlock, Interface, Packet, RawPackets, Section
 from stm.pcapng.section import SectionDecoder
 from stm.pcapng.writer import HOST_ORDER
 from stm.report.common import (
@@ -165,6 +166,203 @@ class Encoder:
         if self._first is None:
             self._first = now
         return out
+
+    # -- bulk input: runs of packet blocks, no Packet per packet -----------------------------
+
+    def add_raw(
+        self,
+        run: RawPackets,
+        interfaces: list[Interface],
+        now: float,
+    ) -> list[bytes]:
+        """Take a run of packet blocks (``Reader(raw_packets=True)``); return ready datagrams.
+
+        ``interfaces`` is the interface list of the run's section as read so far (the
+        reader's, indexed by interface ID). An EPB in the encoder's byte order is copied
+        whole, options and all, with only its interface ID rewritten to the datagram's;
+        anything else (SPB, obsolete PB, a block too big for one datagram, a run in the
+        other byte order) becomes a ``Packet`` for ``add``, so every policy is the same.
+
+        The datagrams and statistics are those of ``add(p, now) or poll(now)`` for each
+        packet ``p`` of the run in turn, as a per-packet sender loop makes them: with the
+        same ``now`` for all, that is plain ``add`` unless a batch is due (``linger`` 0, or
+        a batch of an earlier call). An EPB whose options are malformed raises
+        ``MalformedPcapng``, as the reader's per-packet mode would; the datagrams that the
+        blocks before it made ready are then on the exception, as ``datagrams``.
+        """
+        data = run.data
+        bo = run.section.byte_order
+        n = len(data)
+        off = 0
+        out: list[bytes] = []
+        linger = self.linger
+        zero = now >= now + linger  # every packet is due at once, as poll sees it
+        blen_at = self._RAW_LEN[bo]
+        try:
+            # While a batch is due, each packet is followed by a poll (if it sent nothing).
+            while off < n and (zero or (self._first is not None and now >= self._first + linger)):
+                end = off + blen_at(data, off)[1]
+                k = len(out)
+                self._add_blocks(data, off, end, bo, interfaces, now, out)
+                if len(out) == k:
+                    out += self.poll(now)
+                off = end
+            if off < n:  # no batch can become due in the rest of the run
+                self._add_blocks(data, off, n, bo, interfaces, now, out)
+        except MalformedPcapng as exc:
+            exc.datagrams = out  # type: ignore[attr-defined]
+            raise
+        return out
+
+    # Block fields add_raw reads: type, length, interface ID, captured length (of an EPB).
+    _RAW_HEAD = {bo: struct.Struct(bo + "III8xI").unpack_from for bo in "<>"}
+    _RAW_LEN = {bo: struct.Struct(bo + "II").unpack_from for bo in "<>"}
+    _RAW_OPT = {bo: struct.Struct(bo + "HH").unpack_from for bo in "<>"}
+    _RAW_IFID = {bo: struct.Struct(bo + "I").pack_into for bo in "<>"}
+
+    def _add_blocks(
+        self,
+        data: memoryview,
+        off: int,
+        stop: int,
+        bo: str,
+        interfaces: list[Interface],
+        now: float,
+        out: list[bytes],
+    ) -> None:
+        """The packet blocks in ``data[off:stop]``, in byte order ``bo``, into the batch.
+
+        The rules of ``add`` (budget, IDBs, interface mapping), without polling. Blocks
+        that already carry their datagram-local interface ID are copied in stretches.
+        """
+        head = self._RAW_HEAD[bo]
+        short = self._RAW_LEN[bo]
+        same = bo == self.bo
+        options_ok = self._raw_options_ok
+        set_ifid = self._RAW_IFID[self.bo]
+        EPB = c.EPB
+        budget = self.budget
+        blocks = self._blocks
+        size = self._size
+        local_of = self._local
+        packets = 0
+        cur_ifid = -1  # the interface ID of the last block copied, while the batch is the same
+        cur_local = 0
+        patch = False  # cur_ifid differs from its local ID: each block is patched
+        pending = off  # data[pending:off] is taken into the batch but not yet copied
+        try:
+            while off < stop:
+                if stop - off >= 24:
+                    btype, blen, ifid, caplen = head(data, off)
+                else:  # a short SPB at the end of the run
+                    btype, blen = short(data, off)
+                    ifid = caplen = -2
+                end = off + blen
+                if (
+                    ifid == cur_ifid
+                    and btype == EPB
+                    and size + blen <= budget
+                    and (
+                        blen - caplen < 36  # no options
+                        or options_ok(data, off + 28 + caplen + (-caplen & 3), end - 4)
+                    )
+                ):
+                    # The hot path: the same interface as the last block, and room.
+                    size += blen
+                    packets += 1
+                    if patch:
+                        blocks += data[off:end]
+                        set_ifid(blocks, len(blocks) - blen + 8, cur_local)
+                        pending = end
+                    off = end
+                    continue
+                if pending < off:
+                    blocks += data[pending:off]
+                pending = end
+                if (
+                    btype != EPB
+                    or not same
+                    or (
+                        blen - caplen >= 36
+                        and not options_ok(data, off + 28 + caplen + (-caplen & 3), end - 4)
+                    )
+                ):
+                    self._size = size
+                    self.stats.packets += packets
+                    packets = 0
+                    out += self.add(self._raw_packet(data, off, bo, interfaces), now)
+                    blocks, size, local_of = self._blocks, self._size, self._local
+                    cur_ifid = -1
+                    off = end
+                    continue
+                # An EPB to copy: map its interface as add() does.
+                iface = interfaces[ifid]
+                entry = self._last_entry
+                if entry[0] is not iface:
+                    entry = self._known.get(id(iface))
+                    if entry is None or entry[0] is not iface:
+                        entry = self._interface(iface)
+                    self._last_entry = entry
+                index, idb = entry[1], entry[2]
+                local = local_of.get(index)
+                need = blen if local is not None else blen + len(idb)
+                if size + need > budget:
+                    if blocks:
+                        out.append(self._flush_batch())
+                        blocks, size, local_of = self._blocks, self._size, self._local
+                    need = blen + len(idb)
+                    local = None
+                    if size + need > budget:  # too big for any datagram: add()'s policy
+                        self._size = size
+                        self.stats.packets += packets
+                        packets = 0
+                        out += self.add(self._raw_packet(data, off, bo, interfaces), now)
+                        blocks, size, local_of = self._blocks, self._size, self._local
+                        cur_ifid = -1
+                        off = end
+                        continue
+                if local is None:
+                    local = len(local_of)
+                    local_of[index] = local
+                    self._parts.append(idb)
+                if self._first is None:
+                    self._first = now
+                size += need
+                packets += 1
+                cur_ifid, cur_local, patch = ifid, local, ifid != local
+                if patch:
+                    blocks += data[off:end]
+                    set_ifid(blocks, len(blocks) - blen + 8, local)
+                else:
+                    pending = off  # copied later, with the blocks that follow it
+                off = end
+            if pending < off:
+                blocks += data[pending:off]
+        finally:
+            self._size = size
+            self.stats.packets += packets
+
+    def _raw_options_ok(self, data: memoryview, pos: int, tail: int) -> bool:
+        """Whether an option list is framed as ``decode_options`` wants it (values aside)."""
+        head = self._RAW_OPT[self.bo]
+        while pos + 4 <= tail:
+            code, length = head(data, pos)
+            if code == c.OPT_ENDOFOPT:
+                return True
+            vend = pos + 4 + length
+            if vend > tail:
+                return False
+            pos = vend + (-length & 3)
+        return pos == tail
+
+    @staticmethod
+    def _raw_packet(data: memoryview, off: int, bo: str, interfaces: list[Interface]) -> Packet:
+        """The packet block at ``off`` as the reader's per-packet mode gives it."""
+        blen = struct.unpack_from(bo + "I", data, off + 4)[0]
+        try:
+            return packet_from_block(data[off : off + blen], bo, interfaces)
+        except MalformedPcapng as exc:  # its offset would be in the run, not in the input
+            raise MalformedPcapng(f"{exc.reason} (packet block {off} bytes into a run)") from None
 
     def _oversize(self, packet: Packet, idb: bytes, opts: bytes) -> list[bytes]:
         bo = self.bo

@@ -9,8 +9,7 @@ from collections import OrderedDict, deque
 from stm import gre
 from stm.errors import MalformedPcapng
 from stm.pcapng import constants as c
-from stm.pcapng import encode as enc
-from stm.pcapng.reader import Reader
+from stm.pcapng.block import packet_from_block
 from stm.pcapng.records import Interface, Packet
 from stm.report.events import (
     Duplicate,
@@ -212,21 +211,11 @@ class StreamDecoder:
         self, block: bytes, bo: str, iface: Interface, source: object
     ) -> Packet | None:
         """Read a reassembled packet block against the interface its pieces came with."""
-        reader = Reader(max_block_size=self.max_packet + 64)
-        reader.feed(enc.shb(bo) + enc.idb(bo, iface.linktype, iface.snaplen, iface.options))
-        reader.feed(block)
-        reader.close()
         try:
-            packets = [e for e in reader if isinstance(e, Packet)]
+            return packet_from_block(block, bo, [iface], self.max_packet + 64)
         except MalformedPcapng as exc:
             self._malformed(f"reassembled packet is malformed: {exc}", source)
             return None
-        if len(packets) != 1:
-            self._malformed("reassembled fragments are not one packet", source)
-            return None
-        packet = packets[0]
-        packet.interface = iface
-        return packet
 
     def _expire_for(self, incoming: int) -> None:
         while self._pending and (
