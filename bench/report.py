@@ -35,7 +35,8 @@ import stm.pcapng as sp
 from bench.common import DATA_DIR, Row, Timing, best_of, log, run_timed
 from bench.pcapng import SUBPROCESS_REPEAT, dataset
 from stm.pcapng.records import Packet
-from stm.report import Decoder, Encoder, Packets, TlvDecoder, TlvEncoder
+from stm.pcapng.writer import HOST_ORDER
+from stm.report import Decoder, Encoder, PacketBlocks, Packets, TlvDecoder, TlvEncoder
 from stm.sink import PcapngSink
 
 NAME = "report"
@@ -144,8 +145,9 @@ def encode_b(packets: list[Packet]) -> list[bytes]:
 
 
 def _decoder(fmt: str) -> tuple[Decoder | TlvDecoder, Callable]:
-    if fmt == "A":
-        d = Decoder()
+    if fmt in ("A", "A-raw"):
+        # A-raw: what stm-recv does, reports in the output's byte order as PacketBlocks.
+        d = Decoder(raw_byte_order=HOST_ORDER if fmt == "A-raw" else None)
         return d, d.receive_datagram
     t = TlvDecoder()
     return t, t.receive_message
@@ -159,7 +161,9 @@ def decode(fmt: str, reports: list[bytes]) -> int:
     for r in reports:
         receive(r, SOURCE, NOW)
         for ev in events():
-            if type(ev) is Packets:
+            if type(ev) is PacketBlocks:
+                n += ev.count
+            elif type(ev) is Packets:
                 n += len(ev.packets)
     if dec.malformed:
         raise RuntimeError(f"format {fmt}: {dec.malformed} malformed reports")
@@ -175,7 +179,9 @@ def decode_sink(fmt: str, reports: list[bytes], out: io.BytesIO | None = None) -
     for r in reports:
         receive(r, SOURCE, NOW)
         for ev in events():
-            if type(ev) is Packets:
+            if type(ev) is PacketBlocks:
+                sink.write_blocks(ev)
+            elif type(ev) is Packets:
                 write(ev.stream, ev.packets)
     sink.close()
     return sink.packets
@@ -295,6 +301,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     dec_a = ctx.add("A", "decode (receive_datagram)", t, note="events drained per datagram")
     t = ctx.time(lambda: decode_sink("A", reports_a), int)
     sink_a = ctx.add("A", "decode + PcapngSink", t, note="written to a BytesIO")
+    t = ctx.time(lambda: decode("A-raw", reports_a), int)
+    dec_raw = ctx.add(
+        "A", "decode raw (PacketBlocks)", t, note="as stm-recv: EPBs checked, not parsed"
+    )
+    t = ctx.time(lambda: decode_sink("A-raw", reports_a), int)
+    ctx.add("A", "decode raw + PcapngSink", t, note="EPBs copied whole (Writer.copy_epbs)")
 
     # The same at MTU 9000 (jumbo frames; loopback's MTU is 65536): the per-datagram costs
     # are shared by ~9 times as many packets.
@@ -328,4 +340,5 @@ def run(args: argparse.Namespace) -> list[Row]:
         _target("format A encode", enc_a, ENCODE_A_TARGET),
         _target("format A encode raw, reading included", raw_a, ENCODE_A_TARGET),
         _target("format A decode", dec_a, DECODE_A_TARGET),
+        _target("format A decode raw (PacketBlocks)", dec_raw, DECODE_A_TARGET),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from stm.pcapng.records import Interface, Packet
 
@@ -18,18 +19,19 @@ class Stream:
         return f"{self.producer}/{self.key}"
 
 
-@dataclass(frozen=True, slots=True)
-class Packets:
-    """Packets of one datagram. Each packet's interface is the datagram's IDB, whose stm
-    ``if=N`` option names the source interface (see ``stm_options``)."""
+class Packets(NamedTuple):
+    """Packets of one report. Each packet's interface is the report's IDB, whose stm
+    ``if=N`` option names the source interface (see ``stm_options``).
+
+    The two per-report events are NamedTuples, immutable like the others but built in a
+    third of the time of a frozen dataclass: there is one per report on the hot path."""
 
     stream: Stream
     packets: list[Packet]
     sequence: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class PacketBlocks:
+class PacketBlocks(NamedTuple):
     """The packets of one report as their EPBs, checked but not parsed, for a relay that
     copies them whole (a decoder built with ``raw_byte_order`` emits these instead of
     ``Packets`` when the report is in that byte order). ``data[start:]`` holds ``count``

@@ -450,7 +450,9 @@ class Decoder(StreamDecoder):
         self.raw_byte_order = raw_byte_order
         self._sections = SectionDecoder()
         self._section_info: dict[int, tuple[Section, str, str | None]] = {}
-        self._last: tuple = (None, None, None, None)  # section, key, stream, state
+        # The last report's section, key, stream, state, and the eviction count then: a
+        # stream evicted since (and so its state) is never taken from here.
+        self._last: tuple = (None, None, None, None, -1)
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one datagram payload (GRE header onwards)."""
@@ -481,7 +483,7 @@ class Decoder(StreamDecoder):
                 self._malformed(f"bad pcapng payload: {exc}", source)
                 return
         last = self._last
-        if last[0] is section and last[1] == key and self.streams.get(last[2]) is last[3]:
+        if last[0] is section and last[1] == key and last[4] == self.evicted_streams:
             stream, state = last[2], last[3]  # the same stream as the last report: no lookups
         else:
             info = self._section_info.get(id(section))
@@ -493,7 +495,7 @@ class Decoder(StreamDecoder):
                 self._section_info[id(section)] = info
             stream = self._stream(info[1], key)
             state = self._state(stream, info[2])
-            self._last = (section, key, stream, state)
+            self._last = (section, key, stream, state, self.evicted_streams)
         if seq is not None and not self._track(stream, state, seq):
             return
         stats = state.stats
