@@ -496,8 +496,14 @@ class Decoder(StreamDecoder):
             stream = self._stream(info[1], key)
             state = self._state(stream, info[2])
             self._last = (section, key, stream, state, self.evicted_streams)
-        if seq is not None and not self._track(stream, state, seq):
-            return
+        if seq is not None:
+            top = state.top
+            if top is not None and seq == (top + 1) & 0xFFFFFFFF and state.span >= self.window:
+                # In order, in a full window: _track's first case, without the call.
+                state.top = seq
+                state.mask = ((state.mask << 1) | 1) & self._window_mask
+            elif not self._track(stream, state, seq):
+                return
         stats = state.stats
         stats.datagrams += 1
         stats.bytes += len(data)
