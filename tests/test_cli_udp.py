@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +13,7 @@ from pathlib import Path
 import pcapng as oracle  # python-pcapng, an independent reader
 import pytest
 from click.testing import CliRunner
+from helpers import Receiver, send
 
 from stm import pcapng
 from stm.cli import recv as recv_cli
@@ -24,54 +22,6 @@ from stm.pcapng import Writer
 
 SAMPLES = sorted((Path(__file__).parents[1] / "samples").glob("*.pcap*"))
 SIP_UDP = Path(__file__).parents[1] / "samples" / "sip_udp_ipv4.pcap"  # 11 packets
-
-
-class Receiver:
-    """stm-recv in a subprocess, listening on an ephemeral loopback port."""
-
-    def __init__(self, out: Path, *args: str) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stm.cli.recv",
-                "--listen",
-                "udp://127.0.0.1:0",
-                "-w",
-                str(out),
-                "--json",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stderr.readline()
-        match = re.search(r"listening on (udp://\S+)", line)
-        assert match, line
-        self.url = match.group(1)
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def finish(self, timeout: float = 30) -> dict:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err
-        return json.loads(out)
-
-    def stop(self) -> dict:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.finish()
-
-
-def send(url: str, *files, extra=()) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "stm.cli.send", *map(str, files), "--to", url, "--json", *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(result.stdout)
 
 
 def oracle_packets(path: Path):

@@ -10,8 +10,6 @@ everywhere (the corpus files as they are: padding, option order, obsolete PBs...
 from __future__ import annotations
 
 import io
-import json
-import re
 import socket
 import struct
 import subprocess
@@ -19,16 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import Receiver, relay, send
 
 from stm import pcapng
 from stm.errors import MalformedPcapng
 from stm.pcapng import (
     Interface,
-    InterfaceStatistics,
     Packet,
     RawPackets,
     Section,
-    UnknownBlock,
     Writer,
 )
 from stm.pcapng import constants as c
@@ -51,26 +48,7 @@ def inputs(corpus_dir: Path) -> list[Path]:
 
 def rewrite(path: Path, byte_order: str) -> bytes:
     """The capture copied by our writer in ``byte_order``, as a lossless relay would."""
-    out = io.BytesIO()
-    w = None
-    for ev in pcapng.read_events(path):
-        if isinstance(ev, Section):
-            if w is None:
-                w = Writer(out, byte_order=byte_order, options=ev.options)
-            else:
-                w.new_section(ev.options)
-        elif isinstance(ev, Interface):
-            w.copy_interface(ev)
-        elif isinstance(ev, Packet):
-            w.write(ev, ev.interface.id)
-        elif isinstance(ev, InterfaceStatistics):
-            w.write_statistics(ev.interface.id, ev.ts, ev.options)
-        elif isinstance(ev, UnknownBlock) and ev.byte_order != byte_order:
-            continue
-        else:
-            w.write_block(ev)
-    w.flush()
-    return out.getvalue()
+    return relay(pcapng.read_events(path), byte_order)
 
 
 def by_add(data: bytes, **kwargs) -> tuple[Encoder, list[bytes]]:
@@ -321,49 +299,6 @@ def test_big_endian_run_with_a_little_endian_encoder_is_not_copied():
 # -- stm-send, end to end over loopback UDP ---------------------------------------------------
 
 
-class Receiver:
-    """stm-recv in a subprocess, listening on an ephemeral loopback port."""
-
-    def __init__(self, out: Path, *args: str) -> None:
-        self.out = out
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "stm.cli.recv",
-                "--listen",
-                "udp://127.0.0.1:0",
-                "-w",
-                str(out),
-                "--json",
-                *args,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stderr.readline()
-        match = re.search(r"listening on (udp://\S+)", line)
-        assert match, line
-        self.url = match.group(1)
-
-    def finish(self, timeout: float = 60) -> dict:
-        out, err = self.proc.communicate(timeout=timeout)
-        assert self.proc.returncode == 0, err
-        return json.loads(out)
-
-
-def stm_send(url: str, *files, extra=()) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "stm.cli.send", *map(str, files), "--to", url, "--json", *extra],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return json.loads(result.stdout)
-
-
 def full(path: Path) -> list[tuple]:
     return [(p.key(), p.options) for p in pcapng.read(path)]
 
@@ -382,16 +317,14 @@ def test_stm_send_rebuilds_big_endian_and_multi_interface_files(tmp_path, corpus
     for f in files:
         n = len(full(f))
         rx = Receiver(tmp_path / f"out-{f.name}", "--count", str(n), "--duration", "60")
-        summary = stm_send(rx.url, f, extra=("--mtu", mtu, "--producer", f.stem))
+        summary = send(rx.url, f, extra=("--mtu", mtu, "--producer", f.stem))
         assert summary["packets"] == n
         assert rx.finish()["packets_written"] == n
         assert full(rx.out) == full(f), f.name
         # The per-packet path (--rate) sends the same reports; a long linger keeps the
         # batching independent of timing.
-        fast = stm_send("udp://127.0.0.1:9", f, extra=("--mtu", mtu, "--linger", "60"))
-        slow = stm_send(
-            "udp://127.0.0.1:9", f, extra=("--mtu", mtu, "--linger", "60", "--rate", "1e9")
-        )
+        fast = send("udp://127.0.0.1:9", f, extra=("--mtu", mtu, "--linger", "60"))
+        slow = send("udp://127.0.0.1:9", f, extra=("--mtu", mtu, "--linger", "60", "--rate", "1e9"))
         for key in ("packets", "reports", "bytes", "fragmented", "truncated", "dropped"):
             assert fast[key] == slow[key], (f.name, key)
 
@@ -405,7 +338,7 @@ def test_stm_send_follows_the_input_byte_order(tmp_path):
     sock.settimeout(10)
     port = sock.getsockname()[1]
     with sock:
-        summary = stm_send(f"udp://127.0.0.1:{port}", f, extra=("--mtu", "9000"))
+        summary = send(f"udp://127.0.0.1:{port}", f, extra=("--mtu", "9000"))
         got = [sock.recv(65535) for _ in range(summary["reports"])]
     magic = struct.pack(">I", c.BYTE_ORDER_MAGIC)
     assert all(d[12 + 8 : 12 + 12] == magic for d in got)

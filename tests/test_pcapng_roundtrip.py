@@ -6,6 +6,7 @@ import io
 import random
 
 import pytest
+from helpers import relay
 
 from stm import pcapng
 from stm.pcapng import (
@@ -25,30 +26,6 @@ from stm.pcapng import (
 
 def corpus_files(corpus_dir):
     return sorted(p for p in corpus_dir.rglob("*") if p.suffix in (".pcap", ".pcapng"))
-
-
-def relay(events, byte_order):
-    """Copy every event into a new file with our writer, as a lossless relay would."""
-    out = io.BytesIO()
-    w = None
-    for ev in events:
-        if isinstance(ev, Section):
-            if w is None:
-                w = Writer(out, byte_order=byte_order, options=ev.options)
-            else:
-                w.new_section(ev.options)
-        elif isinstance(ev, Interface):
-            w.copy_interface(ev)
-        elif isinstance(ev, Packet):
-            w.write(ev, ev.interface.id)
-        elif isinstance(ev, InterfaceStatistics):
-            w.write_statistics(ev.interface.id, ev.ts, ev.options)
-        elif isinstance(ev, UnknownBlock) and ev.byte_order != byte_order:
-            continue
-        else:
-            w.write_block(ev)
-    w.flush()
-    return out.getvalue()
 
 
 def full_key(ev):
