@@ -104,20 +104,15 @@ class SectionDecoder:
                 return None
             btype, blen, ifid, _, _, caplen, _ = unpack7(data, off)
             end = off + blen
-            if (
-                btype != EPB
-                or blen < 32
-                or blen & 3
-                or end > n
-                or ifid >= nif
-                or off + 28 + caplen > end - 4
-                or unpack4(data, end - 4)[0] != blen
-            ):
+            if btype != EPB or ifid >= nif or end > n or unpack4(data, end - 4)[0] != blen:
                 return None
-            if off + 32 + caplen + (-caplen & 3) < end:  # options: check them like decode()
+            plain = 32 + caplen + (-caplen & 3)  # the length of this EPB without options
+            if blen != plain:  # options, or a length that does not add up: check it all
+                if blen < plain or blen & 3:
+                    return None
                 try:
-                    decode_options(memoryview(data), off + 28 + caplen + (-caplen & 3),
-                                   end - 4, section.byte_order, EPB_KINDS, -start)  # fmt: skip
+                    decode_options(memoryview(data), off + plain - 4, end - 4,
+                                   section.byte_order, EPB_KINDS, -start)  # fmt: skip
                 except MalformedPcapng:
                     return None
             off = end

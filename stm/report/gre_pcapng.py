@@ -456,7 +456,7 @@ class Decoder(StreamDecoder):
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one datagram payload (GRE header onwards)."""
-        if data[:2] == b"\x30\x00" and len(data) >= 12:  # K and S, as stm sends: no call
+        if data.startswith(b"\x30\x00") and len(data) >= 12:  # K and S, as stm sends: no call
             _, ptype, key, seq = _GRE_KS.unpack_from(data)
             start = 12
         else:
