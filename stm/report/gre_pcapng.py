@@ -279,14 +279,34 @@ class Encoder:
                 if pending < off:
                     blocks += data[pending:off]
                 pending = end
-                if (
+                fallback = (
                     btype != EPB
                     or not same
                     or (
                         blen - caplen >= 36
                         and not options_ok(data, off + 28 + caplen + (-caplen & 3), end - 4)
                     )
-                ):
+                )
+                if not fallback:
+                    # An EPB to copy: map its interface as add() does.
+                    iface = interfaces[ifid]
+                    entry = self._last_entry
+                    if entry[0] is not iface:
+                        entry = self._known.get(id(iface))
+                        if entry is None or entry[0] is not iface:
+                            entry = self._interface(iface)
+                        self._last_entry = entry
+                    index, idb = entry[1], entry[2]
+                    local = local_of.get(index)
+                    need = blen if local is not None else blen + len(idb)
+                    if size + need > budget:
+                        if blocks:
+                            out.append(self._flush_batch())
+                            blocks, size, local_of = self._blocks, self._size, self._local
+                        need = blen + len(idb)
+                        local = None
+                        fallback = size + need > budget  # too big for any datagram
+                if fallback:  # not a block to copy whole: add() and its policies decide
                     self._size = size
                     self.stats.packets += packets
                     packets = 0
@@ -295,32 +315,6 @@ class Encoder:
                     cur_ifid = -1
                     off = end
                     continue
-                # An EPB to copy: map its interface as add() does.
-                iface = interfaces[ifid]
-                entry = self._last_entry
-                if entry[0] is not iface:
-                    entry = self._known.get(id(iface))
-                    if entry is None or entry[0] is not iface:
-                        entry = self._interface(iface)
-                    self._last_entry = entry
-                index, idb = entry[1], entry[2]
-                local = local_of.get(index)
-                need = blen if local is not None else blen + len(idb)
-                if size + need > budget:
-                    if blocks:
-                        out.append(self._flush_batch())
-                        blocks, size, local_of = self._blocks, self._size, self._local
-                    need = blen + len(idb)
-                    local = None
-                    if size + need > budget:  # too big for any datagram: add()'s policy
-                        self._size = size
-                        self.stats.packets += packets
-                        packets = 0
-                        out += self.add(self._raw_packet(data, off, bo, interfaces), now)
-                        blocks, size, local_of = self._blocks, self._size, self._local
-                        cur_ifid = -1
-                        off = end
-                        continue
                 if local is None:
                     local = len(local_of)
                     local_of[index] = local
