@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import time
 
 import click
 
@@ -53,25 +52,6 @@ def fail_cleanly(prog: str):
         return inner
 
     return wrap
-
-
-class RateLimitedLog:
-    """Logs at most one line per ``interval`` seconds and says how many it held back."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self._last = -1e9
-        self._held = 0
-
-    def warning(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            more = f" ({self._held} more not shown)" if self._held else ""
-            log.warning("%s%s", message, more)
-            self._last = now
-            self._held = 0
-        else:
-            self._held += 1
 
 
 def parse_int(value: str, what: str) -> int:

@@ -13,7 +13,6 @@ import click
 from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
-    RateLimitedLog,
     fail_cleanly,
     log,
     parse_int,
@@ -22,6 +21,7 @@ from stm.cli.common import (
     verbosity_options,
 )
 from stm.errors import UsageError
+from stm.logbudget import LogBudget
 from stm.pcapng.writer import HOST_ORDER
 from stm.report import (
     AutoDecoder,
@@ -78,7 +78,7 @@ class Collector:
         self.count = count
         self.duration = duration
         self.stop = False
-        self.malformed_log = RateLimitedLog()
+        self.malformed_log = LogBudget(burst=1, window=1.0)  # one line a second at most
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -137,7 +137,7 @@ class Collector:
                     "stream %s: %d report(s) missing before #%d", ev.stream, ev.missing, ev.sequence
                 )
             elif isinstance(ev, Malformed):
-                self.malformed_log.warning(f"malformed report from {ev.source}: {ev.reason}")
+                self.malformed_log.warning("malformed report from %s: %s", ev.source, ev.reason)
             elif isinstance(ev, Restarted):
                 log.info("stream %s: producer restarted", ev.stream)
             elif isinstance(ev, FragmentsExpired):

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from stm.errors import ProtocolError, UsageError
+from stm.logbudget import LogBudget
 from stm.transport.url import Endpoint, resolve
 
 __all__ = ["BATCH_BYTES", "READ_SIZE", "Framer", "TcpListener", "TcpSender"]
@@ -442,30 +443,6 @@ class _Connection:
         self.closed = False
 
 
-class _LogBudget:
-    """At most ``burst`` warnings per ``window`` seconds: a flood of bad peers must not
-    become a flood of log lines."""
-
-    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
-        self.burst = burst
-        self.window = window
-        self._start = -1e9
-        self._count = 0
-        self._held = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._start >= self.window:
-            if self._held:
-                log.warning("%d more connection warning(s) not shown", self._held)
-            self._start, self._count, self._held = now, 0, 0
-        if self._count < self.burst:
-            self._count += 1
-            log.warning(message, *args)
-        else:
-            self._held += 1
-
-
 class TcpListener:
     """A non-blocking listening socket whose connections are served from the caller's loop.
 
@@ -523,7 +500,7 @@ class TcpListener:
         self._conns: dict[int, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
         self._closed = False
-        self._log = _LogBudget()
+        self._log = LogBudget()
         # A spare descriptor, given up to accept-and-close a connection when we run out:
         # otherwise the listening socket stays readable and the caller's loop spins.
         self._spare: int | None = self._open_spare()
