@@ -39,6 +39,7 @@ class Split(NamedTuple):
     dport: int
     offset: int  # of the transport payload in the frame
     end: int  # where the IP packet ends: what follows (Ethernet padding, a trailer) is not payload
+    transport: int = 0  # offset of the UDP/TCP/SCTP header
 
 
 def _network_offset(linktype: int, data: bytes | memoryview) -> tuple[int, int] | None:
@@ -131,7 +132,7 @@ def split(linktype: int, data: bytes | memoryview) -> Split | None:
     sport, dport = _HH.unpack_from(data, off)
     start = off + hlen
     end = min(ip_end, n) if ip_end >= start else n  # lengths that make no sense: keep it all
-    return Split(version, proto, src, dst, sport, dport, start, end)
+    return Split(version, proto, src, dst, sport, dport, start, end, off)
 
 
 def hep_protocol_type(s: Split, payload: bytes | memoryview) -> int:
@@ -165,21 +166,34 @@ def synthesize(
     dport: int,
     payload: bytes,
     seq: int = 0,
+    *,
+    ack: int = 0,
+    flags: int = 0x18,
 ) -> bytes:
     """A raw IP frame (LINKTYPE_RAW) carrying ``payload`` over UDP or TCP, for foreign HEP.
 
     Checksums are computed so Wireshark dissects it without complaint. HEP carries no TCP
     state, so a TCP segment gets sequence number ``seq`` (the caller keeps one running per
-    flow, or Wireshark takes every segment after the first for a retransmission), ack 0 and
-    PSH+ACK. Other protocols get no transport header. Payloads too large for one IP packet
-    get IP total length 0, as Linux BIG TCP does.
+    flow, or Wireshark takes every segment after the first for a retransmission), and by
+    default ack 0 and PSH+ACK (``ack`` and ``flags`` make any other segment). Other
+    protocols get no transport header. Payloads too large for one IP packet get IP total
+    length 0, as Linux BIG TCP does.
     """
     if proto == UDP:
         length = 8 + len(payload)
         transport = struct.pack("!HHHH", sport, dport, length & 0xFFFF, 0)
     elif proto == TCP:
         transport = struct.pack(
-            "!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, 0, 5 << 4, 0x18, 65535, 0, 0
+            "!HHIIBBHHH",
+            sport,
+            dport,
+            seq & 0xFFFFFFFF,
+            ack & 0xFFFFFFFF,
+            5 << 4,
+            flags,
+            65535,
+            0,
+            0,
         )
     else:
         transport = b""

@@ -302,6 +302,7 @@ def test_split_fields_by_hand():
         5061,
         14 + 40 + 8,
         len(frame),
+        14 + 40,
     )
     assert frames.hep_protocol_type(s, SIP) == 1
 
@@ -435,7 +436,9 @@ def test_synthesize_checksums_and_payload(family, proto, payload):
         assert _recomputed(later) == again
     # split finds exactly what synthesize put in.
     s = frames.split(c.LINKTYPE_RAW, frame)
-    want = (family, proto, src, dst, 5060, 49152, len(frame) - len(payload), len(frame))
+    start = len(frame) - len(payload)
+    l4 = start - (8 if proto == frames.UDP else 20 if proto == frames.TCP else 0)
+    want = (family, proto, src, dst, 5060, 49152, start, len(frame), l4)
     assert s == frames.Split(*want)
 
 
