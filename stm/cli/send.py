@@ -1,15 +1,16 @@
-"""stm-send: capture files or a pipe in; STM reports out."""
+"""stm-send: capture files, a pipe, a growing file or a live interface in; STM reports out."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
 import time
 
 import click
 
-from stm import __version__, gre, pcapng, tlv
+from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     fail_cleanly,
@@ -18,61 +19,108 @@ from stm.cli.common import (
     setup_logging,
     verbosity_options,
 )
-from stm.errors import MalformedPcapng, UsageError
+from stm.cli.progress import Progress
+from stm.errors import UsageError
+from stm.pipeline import Pacer, SendPipeline, Stop
 from stm.report import Encoder, TlvEncoder, stream_id_for
+from stm.source import CaptureInput
 from stm.transport.tcp import TcpSender
 from stm.transport.udp import UdpSender
 from stm.transport.url import parse_url
+from stm.wire import WireWriter
 
 EPILOG = """\b
 Examples:
-  stm-send trace.pcapng --to udp://collector:4754
-  stm-send a.pcap b.pcapng --to udp://[2001:db8::1]:4754 --producer amf-1 --rate 10000
-  stm-send trace.pcap --format tlv --to tcp://homer:9060
-  tcpdump -U -w - port 5060 | stm-send - --to udp://127.0.0.1:4754
+  send a capture once, as fast as possible (format A, GRE-in-UDP):
+    stm-send trace.pcapng --to udp://collector:4754
+  replay in real time, three times, with a summary at the end:
+    stm-send trace.pcap --realtime --loop 3 --to udp://127.0.0.1:4754 --stats
+  format B (HEP3 profile) over TCP to a HEP collector, and a copy over UDP:
+    stm-send trace.pcap --format tlv --to tcp://homer:9060 --to udp://[2001:db8::1]:9060
+  live: from a pipe, from a file still being written, or from an interface:
+    tcpdump -U -w - port 5060 | stm-send - --to udp://127.0.0.1:4754
+    stm-send --follow /var/spool/amf.pcapng --producer amf-1 --to udp://127.0.0.1:4754
+    stm-send -i eth0 -f 'port 5060 or sctp' --to udp://127.0.0.1:4754
+  write the reports to a capture instead of sending them (Wireshark, tcpreplay):
+    stm-send trace.pcap --output wire.pcap
+
+\b
+Exit status: 0 when done (or stopped by SIGINT/SIGTERM), 1 on an error while running,
+2 on bad arguments.
 """
 DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT}
-CAPTURE_MAGICS = (
-    b"\x0a\x0d\x0d\x0a", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
-    b"\xa1\xb2\x3c\x4d", b"\x34\xcd\xb2\xa1", b"\xa1\xb2\xcd\x34",
-)  # fmt: skip
 
 
-def check_capture(path: str) -> None:
-    """Fail early, with exit code 2, on a file that cannot be read or is not a capture."""
-    if path == "-":
-        return
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    if magic not in CAPTURE_MAGICS:
-        raise UsageError(f"{path} is not a pcap or pcapng file")
-
-
-def open_senders(destinations, fmt, source_port, queue, queue_policy):
-    senders = []
-    for url in destinations:
-        e = parse_url(url, default_port=DEFAULT_PORT[fmt])
+def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu):
+    """Sockets for each --to; with --output, the one capture file that stands for them."""
+    endpoints = [parse_url(u, default_port=DEFAULT_PORT[fmt]) for u in urls]
+    for e in endpoints:
         if e.scheme == "tcp" and fmt == "gre":
-            raise UsageError(f"{url}: format A (gre) is GRE-in-UDP; use --format tlv over TCP")
-        if e.scheme == "udp":
-            senders.append(UdpSender(e.host, e.port, source_port=source_port))
-        else:
-            senders.append(TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy))
+            raise UsageError(f"{e}: format A (gre) is GRE-in-UDP; use --format tlv over TCP")
+    if output is not None:
+        if len(endpoints) > 1:
+            raise UsageError("--output writes one report stream: give at most one --to")
+        e = endpoints[0] if endpoints else parse_url(f"udp://127.0.0.1:{DEFAULT_PORT[fmt]}")
+        return [
+            WireWriter(
+                output, scheme=e.scheme, host=e.host, port=e.port, source_port=source_port, mtu=mtu
+            )
+        ]
+    if not endpoints:
+        raise UsageError("give a destination with --to URL (or --output FILE)")
+    senders = []
+    try:
+        for e in endpoints:
+            if e.scheme == "udp":
+                senders.append(UdpSender(e.host, e.port, source_port=source_port))
+            else:
+                senders.append(TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy))
+    except BaseException:
+        for s in senders:
+            s.close()
+        raise
     return senders
 
 
+def live_source(interface, bpf_filter, snaplen, stop):
+    from stm.capture import live_events
+
+    return live_events(interface, bpf_filter, snaplen=snaplen, stop=stop)
+
+
 @click.command(context_settings=CONTEXT, epilog=EPILOG)
-@click.argument("files", nargs=-1, required=True, metavar="FILE... (- for stdin)")
+@click.argument("files", nargs=-1, metavar="[FILE]... (- for stdin)")
+@click.option(
+    "-i",
+    "--interface",
+    metavar="IFACE",
+    help="Capture live on IFACE instead of reading files (root or CAP_NET_RAW).",
+)
+@click.option(
+    "-f", "--filter", "bpf_filter", metavar="EXPR", help="BPF filter for -i, as in tcpdump."
+)
+@click.option(
+    "-s",
+    "--snaplen",
+    type=click.IntRange(64, 262144),
+    default=262144,
+    show_default=True,
+    help="Bytes kept of each packet captured with -i.",
+)
+@click.option("--follow", is_flag=True, help="Keep reading FILE as it grows, like tail -f.")
 @click.option(
     "--to",
     "destinations",
     multiple=True,
-    required=True,
     metavar="URL",
     help="udp://HOST:PORT or tcp://HOST:PORT (tlv only); repeat to send a copy to each.",
+)
+@click.option(
+    "-o",
+    "--output",
+    metavar="FILE",
+    help="Write the reports as a capture of UDP/TCP packets (.pcap or .pcapng) instead of "
+    "sending them; --to then only names the addresses in it.",
 )
 @click.option(
     "--format",
@@ -99,6 +147,21 @@ def open_senders(destinations, fmt, source_port, queue, queue_policy):
     type=click.FloatRange(min=0, min_open=True),
     metavar="PPS",
     help="Packets per second (default: as fast as possible).",
+)
+@click.option("--realtime", is_flag=True, help="Keep the capture's gaps between packets.")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="X",
+    help="Keep the capture's gaps divided by X (2 = twice as fast).",
+)
+@click.option(
+    "--loop",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Send the files N times (0: until stopped).",
 )
 @click.option(
     "--mtu",
@@ -161,17 +224,31 @@ def open_senders(destinations, fmt, source_port, queue, queue_policy):
     metavar="SECONDS",
     help="How long to wait at the end for TCP queues to empty.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress line (default: when stderr is a terminal and input is files).",
+)
+@click.option("--stats", is_flag=True, help="Print a summary at the end.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @verbosity_options
 @click.version_option(__version__, "-V", "--version", prog_name="stm-send")
 @fail_cleanly("stm-send")
 def main(
     files,
+    interface,
+    bpf_filter,
+    snaplen,
+    follow,
     destinations,
+    output,
     fmt,
     producer,
     stream_id,
     rate,
+    realtime,
+    speed,
+    loop,
     mtu,
     linger,
     oversize,
@@ -181,30 +258,53 @@ def main(
     queue,
     queue_policy,
     drain_timeout,
+    progress,
+    stats,
     as_json,
     verbose,
     quiet,
 ):
-    """Send the packets of capture files as 3GPP STM reports (TS 28.560).
+    """Send captured packets as 3GPP STM reports (TS 28.560).
 
-    Reads pcap and pcapng files (or - for standard input) in order and sends every
-    packet, byte for byte with its timestamp, lengths, flags and comments, to each
-    destination. Prints a summary at the end.
+    Reads pcap and pcapng files in order (- for standard input), a file that is still
+    being written (--follow) or a live interface (-i), and sends every packet, byte for
+    byte with its timestamp, lengths, flags and comments, to each destination: as fast as
+    possible, at --rate, or at the capture's own pace (--realtime, --speed). Timestamps
+    in the reports are always the capture's own. SIGINT or SIGTERM sends what is pending
+    and stops cleanly.
     """
     setup_logging("stm-send", verbose, quiet)
-    for path in files:
-        check_capture(path)
+    if interface is not None and (files or follow or loop != 1):
+        raise UsageError("-i captures live: give no FILE, --follow or --loop with it")
+    if interface is None and not files:
+        raise UsageError("give a capture FILE (- for standard input) or -i IFACE")
+    if bpf_filter is not None and interface is None:
+        raise UsageError("-f filters a live capture: use it with -i")
+    if loop != 1 and ("-" in files or follow):
+        raise UsageError("--loop needs files it can read again (not -, not --follow)")
+    if sum(x is not None and x is not False for x in (rate, speed, realtime or None)) > 1:
+        raise UsageError("choose one of --rate, --realtime and --speed")
     key = None if stream_id is None else parse_int(stream_id, "--stream-id")
     ptype = parse_int(protocol_type, "--protocol-type")
     if not 0 <= ptype <= 0xFFFF:
         raise UsageError("--protocol-type must fit 16 bits")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
     stream = stream_id_for(producer, key)
-    senders = open_senders(destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy)
-    ip_header = max(s.ip_header for s in senders)
-    if fmt == "gre":
+    stop = Stop()
+    pacer = Pacer(rate=rate, speed=1.0 if realtime else speed)
+    source = None
+    if interface is None:
+        # Unpaced format A takes runs of packet blocks to copy whole (RawPackets).
+        bulk = fmt == "gre" and not pacer.active
+        source = CaptureInput(files, follow=follow, stop=stop, raw_packets=bulk)
+    targets = open_destinations(
+        destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy, output, mtu
+    )
+    ip_header = max(t.ip_header for t in targets)
+    only_tcp = all(t.url.startswith("tcp:") for t in targets)
 
-        def gre_encoder(byte_order: str | None = None) -> Encoder:
+    def make_encoder(byte_order: str | None):
+        if fmt == "gre":
             return Encoder(
                 producer,
                 stream,
@@ -216,13 +316,7 @@ def main(
                 protocol_type=ptype,
                 byte_order=byte_order,
             )
-
-        # Made now so that bad settings fail before any input is read; made again in the
-        # byte order of the first section, so its packet blocks can be copied as they are.
-        encoder = gre_encoder()
-    else:
-        only_tcp = all(isinstance(s, TcpSender) for s in senders)
-        encoder = TlvEncoder(
+        return TlvEncoder(
             producer,
             stream,
             mtu=mtu,
@@ -232,77 +326,62 @@ def main(
             auth_key=auth_key,
         )
 
-    def emit(reports: list[bytes]) -> None:
-        if reports:
-            for s in senders:
-                s.send(reports)
-
-    started = time.monotonic()
-    count = 0
-    monotonic = time.monotonic
-    first_section = fmt == "gre"  # the encoder still has to take the input's byte order
     try:
-        for path in files:
-            source = sys.stdin.buffer if path == "-" else path
-            if fmt == "gre" and rate is None:
-                # The fast path: runs of packet blocks copied whole (a pcap record, which
-                # has no block to copy, still comes as a Packet).
-                interfaces: list[pcapng.Interface] = []
-                for event in pcapng.read_events(source, raw_packets=True):
-                    kind = type(event)
-                    if kind is pcapng.RawPackets:
-                        try:
-                            emit(encoder.add_raw(event, interfaces, monotonic()))
-                        except MalformedPcapng as exc:
-                            emit(getattr(exc, "datagrams", []))
-                            raise
-                    elif kind is pcapng.Packet:
-                        now = monotonic()
-                        emit(encoder.add(event, now) or encoder.poll(now))
-                    elif kind is pcapng.Interface:
-                        interfaces.append(event)
-                    elif kind is pcapng.Section:
-                        interfaces = []
-                        if first_section:
-                            first_section = False
-                            if event.byte_order != encoder.bo:
-                                encoder = gre_encoder(event.byte_order)
-                continue
-            for event in pcapng.read_events(source):
-                if type(event) is not pcapng.Packet:
-                    if first_section and type(event) is pcapng.Section:
-                        first_section = False
-                        if event.byte_order != encoder.bo:
-                            encoder = gre_encoder(event.byte_order)
-                    continue
-                now = monotonic()
-                if rate is not None:
-                    now = _pace(started + count / rate, now, encoder, emit)
-                emit(encoder.add(event, now) or encoder.poll(now))
-                count += 1
-    finally:
-        emit(encoder.flush())
-        for s in senders:
-            if isinstance(s, TcpSender):
-                s.close(drain_timeout)
-    _summary(encoder, senders, time.monotonic() - started, as_json, quiet)
+        # Bad settings fail here, before any input is read; a gre encoder is made again in
+        # the byte order of the first section, so its packet blocks can be copied as they are.
+        pipeline = SendPipeline(
+            make_encoder, targets, pacer=pacer, stop=stop, follow_byte_order=fmt == "gre"
+        )
+    except BaseException:
+        _close(targets, 0)
+        raise
+    bar = None
+    if source is not None:
+        source.wake = pipeline.deadline
+        show = sys.stderr.isatty() and "-" not in files and not follow and not quiet
+        if progress if progress is not None else show:
+            bar = Progress(
+                lambda: pipeline.encoder.stats.packets,
+                lambda: source.bytes_read,
+                source.total_bytes,
+            )
+            source.on_chunk = bar.update
 
+    def on_signal(signum, frame):
+        if stop.is_set():  # a second signal: stop now, whatever is pending
+            raise KeyboardInterrupt
+        stop.set()
 
-def _pace(target: float, now: float, encoder, emit) -> float:
-    """Sleep until ``target``, flushing a lingering report on the way."""
-    while now < target:
-        deadline = encoder.deadline()
-        if deadline is not None and deadline <= target:
-            time.sleep(max(0.0, deadline - now))
-            now = time.monotonic()
-            emit(encoder.poll(now))
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        if source is None:
+            pipeline.run(live_source(interface, bpf_filter, snaplen, stop))
         else:
-            time.sleep(target - now)
-            now = time.monotonic()
-    return now
+            passes = 0
+            while not stop.is_set() and (loop == 0 or passes < loop):
+                if passes:
+                    pacer.restart()
+                pipeline.run(source.events())
+                passes += 1
+        pipeline.finish()
+    finally:
+        if bar is not None:
+            bar.close()
+        _close(targets, drain_timeout)
+    _summary(pipeline.encoder, targets, time.monotonic() - started, as_json, stats and not quiet)
 
 
-def _summary(encoder, senders, elapsed, as_json, quiet) -> None:
+def _close(targets, drain_timeout: float) -> None:
+    for t in targets:
+        if isinstance(t, TcpSender):
+            t.close(drain_timeout)
+        else:
+            t.close()
+
+
+def _summary(encoder, targets, elapsed, as_json, human) -> None:
     stats = encoder.stats.as_dict()
     stats["reports"] = stats.pop("datagrams")
     stats.update(
@@ -311,13 +390,13 @@ def _summary(encoder, senders, elapsed, as_json, quiet) -> None:
         producer=encoder.producer,
         stream_id=encoder.stream_id,
         destinations={
-            s.url: (s.stats() if isinstance(s, TcpSender) else {"refused": s.refused})
-            for s in senders
+            t.url: (t.stats() if isinstance(t, (TcpSender, WireWriter)) else {"refused": t.refused})
+            for t in targets
         },
     )
     if as_json:
         click.echo(json.dumps(stats))
-    elif not quiet:
+    if human:
         click.echo(
             f"stm-send: {stats['packets']} packets in {stats['reports']} reports "
             f"({stats['bytes']} bytes) in {elapsed:.3f} s; oversize: {stats['fragmented']} "
@@ -325,12 +404,16 @@ def _summary(encoder, senders, elapsed, as_json, quiet) -> None:
             err=True,
         )
         for url, s in stats["destinations"].items():
-            if "sent" in s:
+            if "dropped" in s:
                 click.echo(
                     f"  {url}: {s['sent']} sent, {s['dropped']} dropped, "
                     f"{s['undelivered']} undelivered, {s['reconnects']} reconnects",
                     err=True,
                 )
+            elif "frames" in s:
+                click.echo(f"  {url}: {s['sent']} reports in {s['frames']} frames", err=True)
+            else:
+                click.echo(f"  {url}: {s['refused']} refused (nobody listening)", err=True)
 
 
 if __name__ == "__main__":
