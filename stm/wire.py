@@ -233,6 +233,7 @@ class _Flow:
 
 
 MAX_HELD = 1024  # out-of-order segments held per flow before the gap is given up on
+MAX_FLOWS = 65536  # TCP flows followed at once; the oldest is forgotten past this
 
 
 def read_reports(
@@ -283,13 +284,14 @@ def _tcp(st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: f
     payload = segment[hlen:]
     key = (s.src, s.sport, s.dst, s.dport)
     flow = flows.get(key)
-    if flags & _SYN:
-        flows[key] = _Flow(seq)
-        return
-    if flow is None:
-        if not payload:
+    if flow is None or flags & _SYN:
+        if not payload and not flags & _SYN:
             return
-        flow = flows[key] = _Flow(None)
+        if len(flows) >= MAX_FLOWS:
+            del flows[next(iter(flows))]
+        flow = flows[key] = _Flow(seq if flags & _SYN else None)
+        if flags & _SYN:
+            return
         flow.next = seq
     if flow.framer.failed:
         st.ignored += 1
