@@ -26,10 +26,10 @@ from stm.pcapng import read_events
 from stm.pcapng.records import Packet
 from stm.pcapng.writer import PcapWriter, Writer
 
-# The loopback interface's all-zero MACs: `tcpreplay -i lo` then delivers the frames to
-# local sockets (other MACs make them "other host" there); rewrite them with tcprewrite
-# --enet-dmac/--enet-smac to replay on a real link.
-SRC_MAC = DST_MAC = bytes(6)
+# Locally administered unicast MACs: the frames were never on a real link. To replay them
+# on one, tcprewrite --enet-dmac/--enet-smac puts in the real ones.
+SRC_MAC = bytes.fromhex("020000000001")
+DST_MAC = bytes.fromhex("020000000002")
 _ETH = {
     4: struct.Struct("!6s6sH").pack(DST_MAC, SRC_MAC, 0x0800),
     6: struct.Struct("!6s6sH").pack(DST_MAC, SRC_MAC, 0x86DD),
