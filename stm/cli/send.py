@@ -14,6 +14,7 @@ from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     fail_cleanly,
+    log,
     parse_int,
     read_secret,
     setup_logging,
@@ -82,12 +83,6 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu):
     return senders
 
 
-def live_source(interface, bpf_filter, snaplen, stop):
-    from stm.capture import live_events
-
-    return live_events(interface, bpf_filter, snaplen=snaplen, stop=stop)
-
-
 @click.command(context_settings=CONTEXT, epilog=EPILOG)
 @click.argument("files", nargs=-1, metavar="[FILE]... (- for stdin)")
 @click.option(
@@ -106,6 +101,9 @@ def live_source(interface, bpf_filter, snaplen, stop):
     default=262144,
     show_default=True,
     help="Bytes kept of each packet captured with -i.",
+)
+@click.option(
+    "--promisc", is_flag=True, help="Put the -i interface in promiscuous mode while capturing."
 )
 @click.option("--follow", is_flag=True, help="Keep reading FILE as it grows, like tail -f.")
 @click.option(
@@ -239,6 +237,7 @@ def main(
     interface,
     bpf_filter,
     snaplen,
+    promisc,
     follow,
     destinations,
     output,
@@ -292,8 +291,13 @@ def main(
     stream = stream_id_for(producer, key)
     stop = Stop()
     pacer = Pacer(rate=rate, speed=1.0 if realtime else speed)
-    source = None
-    if interface is None:
+    source = live = None
+    if interface is not None:
+        from stm.capture import LiveCapture  # Linux only; checks the interface and filter
+
+        live = LiveCapture(interface, bpf_filter, snaplen=snaplen, stop=stop, promisc=promisc,
+                           idle=True)  # fmt: skip
+    else:
         # Unpaced format A takes runs of packet blocks to copy whole (RawPackets).
         bulk = fmt == "gre" and not pacer.active
         source = CaptureInput(files, follow=follow, stop=stop, raw_packets=bulk)
@@ -334,8 +338,14 @@ def main(
         )
     except BaseException:
         _close(targets, 0)
+        if live is not None:
+            live.close()
         raise
     bar = None
+    if live is not None:
+        live.wake = pipeline.deadline
+        what = f" ({bpf_filter})" if bpf_filter else ""
+        log.warning("capturing on %s%s, snaplen %d", interface, what, snaplen)
     if source is not None:
         source.wake = pipeline.deadline
         show = sys.stderr.isatty() and "-" not in files and not follow and not quiet
@@ -356,8 +366,8 @@ def main(
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     try:
-        if source is None:
-            pipeline.run(live_source(interface, bpf_filter, snaplen, stop))
+        if live is not None:
+            pipeline.run(live.events())
         else:
             passes = 0
             while not stop.is_set() and (loop == 0 or passes < loop):
@@ -369,8 +379,12 @@ def main(
     finally:
         if bar is not None:
             bar.close()
+        if live is not None:
+            live.close()
         _close(targets, drain_timeout)
-    _summary(pipeline.encoder, targets, time.monotonic() - started, as_json, stats and not quiet)
+    capture = live.stats() if live is not None else None
+    human = stats and not quiet
+    _summary(pipeline.encoder, targets, time.monotonic() - started, capture, as_json, human)
 
 
 def _close(targets, drain_timeout: float) -> None:
@@ -381,7 +395,7 @@ def _close(targets, drain_timeout: float) -> None:
             t.close()
 
 
-def _summary(encoder, targets, elapsed, as_json, human) -> None:
+def _summary(encoder, targets, elapsed, capture, as_json, human) -> None:
     stats = encoder.stats.as_dict()
     stats["reports"] = stats.pop("datagrams")
     stats.update(
@@ -394,6 +408,8 @@ def _summary(encoder, targets, elapsed, as_json, human) -> None:
             for t in targets
         },
     )
+    if capture is not None:
+        stats["capture"] = capture
     if as_json:
         click.echo(json.dumps(stats))
     if human:
@@ -403,6 +419,12 @@ def _summary(encoder, targets, elapsed, as_json, human) -> None:
             f"fragmented, {stats['truncated']} truncated, {stats['dropped']} dropped",
             err=True,
         )
+        if capture is not None:
+            click.echo(
+                f"  capture: {capture['received']} received, {capture['dropped']} dropped "
+                "by the kernel",
+                err=True,
+            )
         for url, s in stats["destinations"].items():
             if "dropped" in s:
                 click.echo(
