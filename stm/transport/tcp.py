@@ -13,6 +13,9 @@ TCP needs no extra framing. What it does need is care at the edges:
 * The listener faces the network: a peer that sends garbage, stalls, floods or opens
   thousands of connections must cost one connection, never the collector. It is
   non-blocking and driven by the caller's :mod:`selectors` loop, like ``UdpReceiver``.
+
+Both take an optional :class:`ssl.SSLContext` (built by :mod:`stm.transport.tls`) for TLS
+and mutual TLS; the listener also takes an allowlist (:mod:`stm.transport.allow`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Any, Literal, Protocol
 
 from stm.errors import ProtocolError, UsageError
 from stm.logbudget import LogBudget
+from stm.transport.allow import AddressFilter
+from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
 __all__ = ["BATCH_BYTES", "READ_SIZE", "Framer", "TcpListener", "TcpSender"]
@@ -81,6 +86,9 @@ def _reason(exc: BaseException) -> str:
     """One-line cause of a socket error: "Connection refused", not a repr or traceback."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # e.g. "certificate verify failed: Hostname mismatch, certificate is not valid for 'x'."
+        return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -124,7 +132,7 @@ class TcpSender:
         family, _ = resolve(host, port, socket.SOCK_STREAM)
         self.host = host
         self.port = port
-        self.url = str(Endpoint("tcp", host, port))
+        self.url = str(Endpoint("tls" if ssl_context is not None else "tcp", host, port))
         self.ip_header = 40 if family == socket.AF_INET6 else 20
         self.queue_limit = queue_limit
         self.policy = policy
@@ -140,6 +148,8 @@ class TcpSender:
         self.reconnects = 0
         self.resent = 0
         self.connected = False
+        self.last_error: str | None = None
+        """Why the last connection attempt failed (one line), None once connected."""
         self._connects = 0
         self._lock = threading.Lock()
         self._nonempty = threading.Condition(self._lock)
@@ -261,6 +271,7 @@ class TcpSender:
                     except OSError as exc:
                         failures += 1
                         delay = self._backoff(failures)
+                        self.last_error = _reason(exc)
                         if not failing:
                             log.warning(
                                 "cannot connect to %s: %s; retrying with backoff up to %.1f s",
@@ -277,6 +288,7 @@ class TcpSender:
                     probe.register(sock, selectors.EVENT_READ)
                     with self._lock:
                         self.connected = True
+                        self.last_error = None
                         self._connects += 1
                         self.reconnects = self._connects - 1
                         retry = len(self._inflight) if write_failed else 0
@@ -431,7 +443,17 @@ class TcpSender:
 
 
 class _Connection:
-    __slots__ = ("closed", "events", "fd", "framer", "handshaking", "peer", "sock")
+    __slots__ = (
+        "closed",
+        "events",
+        "fd",
+        "framer",
+        "handshaking",
+        "identity",
+        "opened",
+        "peer",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, peer: Any, framer: Framer, tls: bool) -> None:
         self.sock = sock
@@ -439,6 +461,8 @@ class _Connection:
         self.peer = peer
         self.framer = framer
         self.handshaking = tls
+        self.identity: str | None = None  # the verified client certificate's subject
+        self.opened = time.monotonic()
         self.events = selectors.EVENT_READ
         self.closed = False
 
@@ -455,6 +479,17 @@ class TcpListener:
     ``active``, ``rejected_connections`` (bad framing, buffer limit, TLS failure, over
     max_connections), ``truncated_streams`` (peer closed inside a message), ``malformed``
     (bad messages skipped on a stream that went on), ``messages``, ``bytes`` received.
+
+    TLS (``ssl_context``, see :mod:`stm.transport.tls`): the handshake runs non-blocking in
+    the same loop; a failed one (no, untrusted or expired client certificate, a plain-TCP
+    client) counts in ``tls_failures`` as well as ``rejected_connections``, and so does one
+    not finished within ``handshake_timeout`` seconds (checked whenever a connection is
+    accepted, and by :meth:`expire`). :meth:`peer_identity` gives the verified client
+    certificate's subject of a connection, e.g. from ``on_message``.
+
+    ``allow`` (an :class:`~stm.transport.allow.AddressFilter`): connections from other
+    addresses are closed on accept, before any byte is read, and counted in ``denied``
+    (and in the filter's own counter); the default allows every address.
     """
 
     def __init__(
@@ -469,9 +504,13 @@ class TcpListener:
         max_buffer: int = 1 << 20,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 128,
+        allow: AddressFilter | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         if max_connections < 1 or max_buffer < 1:
             raise UsageError("max_connections and max_buffer must be positive")
+        if handshake_timeout <= 0:
+            raise UsageError("handshake_timeout must be positive")
         family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -491,13 +530,18 @@ class TcpListener:
         self.max_connections = max_connections
         self.max_buffer = max_buffer
         self.ssl_context = ssl_context
+        self.allow = allow
+        self.handshake_timeout = handshake_timeout
         self.connections = 0
+        self.denied = 0
+        self.tls_failures = 0
         self.rejected_connections = 0
         self.truncated_streams = 0
         self.malformed = 0
         self.messages = 0
         self.bytes = 0
         self._conns: dict[int, _Connection] = {}
+        self._by_peer: dict[Any, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
         self._closed = False
         self._log = LogBudget()
@@ -512,6 +556,25 @@ class TcpListener:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def peer_identity(self, peer: Any) -> str | None:
+        """The verified client certificate subject (RFC 4514, ``CN=...``) of the open
+        connection from ``peer``; None without TLS, without a client certificate, or once
+        that connection is closed."""
+        conn = self._by_peer.get(peer)
+        return None if conn is None else conn.identity
+
+    def expire(self, now: float | None = None) -> int:
+        """Close TLS connections whose handshake is older than ``handshake_timeout``
+        (counted as TLS failures); returns how many. Cheap: call it from a periodic tick."""
+        if self.ssl_context is None or self._closed:
+            return 0
+        limit = (time.monotonic() if now is None else now) - self.handshake_timeout
+        stale = [c for c in self._conns.values() if c.handshaking and c.opened <= limit]
+        for conn in stale:
+            self.tls_failures += 1
+            self._reject(conn, "TLS handshake failed: timed out")
+        return len(stale)
 
     def register(self, selector: selectors.BaseSelector) -> None:
         """Watch the listening socket (and, later, each connection) with ``selector``."""
@@ -582,7 +645,16 @@ class TcpListener:
                     self._shed(exc)
                     return
                 continue  # ECONNABORTED and the like: that peer is gone already
+            if self.allow is not None and not self.allow.allows(peer):
+                self.denied += 1
+                self._log.warning(
+                    "refusing connection from %s: address not allowed", _peer_name(peer)
+                )
+                sock.close()
+                continue
             self.connections += 1
+            if len(self._conns) >= self.max_connections:
+                self.expire()  # stalled TLS handshakes must not keep producers out
             if len(self._conns) >= self.max_connections:
                 self.rejected_connections += 1
                 self._log.warning(
@@ -607,6 +679,7 @@ class TcpListener:
                 continue
             conn = _Connection(sock, peer, framer, tls)
             self._conns[conn.fd] = conn
+            self._by_peer[peer] = conn
             self._selector.register(sock, conn.events, self)
             log.debug("connection from %s", _peer_name(peer))
 
@@ -646,9 +719,17 @@ class TcpListener:
             self._want(conn, selectors.EVENT_WRITE)
             return
         except OSError as exc:
+            self.tls_failures += 1
             self._reject(conn, f"TLS handshake failed: {_reason(exc)}")
             return
         conn.handshaking = False
+        conn.identity = peer_identity(sock)
+        log.debug(
+            "TLS connection from %s: %s, client %s",
+            _peer_name(conn.peer),
+            sock.version(),
+            conn.identity or "without a certificate",
+        )
         self._want(conn, selectors.EVENT_READ)
 
     def _recv(self, conn: _Connection) -> tuple[bytes, bool] | None:
@@ -761,6 +842,8 @@ class TcpListener:
             return
         conn.closed = True
         self._conns.pop(conn.fd, None)
+        if self._by_peer.get(conn.peer) is conn:
+            del self._by_peer[conn.peer]
         if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(conn.sock)

@@ -8,6 +8,7 @@ import socket
 import time
 
 from stm.errors import UsageError
+from stm.transport.allow import AddressFilter
 from stm.transport.url import resolve
 
 RECV_BUFFER = 64 << 20
@@ -64,9 +65,13 @@ class UdpSender:
 
 
 class UdpReceiver:
-    """A bound, non-blocking UDP socket with the largest receive buffer the OS allows."""
+    """A bound, non-blocking UDP socket with the largest receive buffer the OS allows.
 
-    def __init__(self, host: str, port: int) -> None:
+    With ``allow`` (an :class:`~stm.transport.allow.AddressFilter`), datagrams from other
+    addresses are dropped inside :meth:`drain`, never returned, and counted in ``denied``.
+    """
+
+    def __init__(self, host: str, port: int, *, allow: AddressFilter | None = None) -> None:
         family, addr = resolve(host, port, socket.SOCK_DGRAM, passive=True)
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.buffer = _grow_buffer(self.sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, RECV_BUFFER)
@@ -77,17 +82,30 @@ class UdpReceiver:
             raise UsageError(f"cannot listen on udp {host}:{port}: {exc.strerror}") from None
         self.sock.setblocking(False)
         self.address = self.sock.getsockname()
+        self.allow = allow
+        self.denied = 0
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def drain(self, limit: int = 512) -> list[tuple[bytes, tuple]]:
-        """Up to ``limit`` datagrams that are waiting now (none blocks)."""
+        """Up to ``limit`` datagrams that are waiting now (none blocks); with an allowlist,
+        those from other addresses are read and dropped (they count against ``limit``)."""
         out = []
         recvfrom = self.sock.recvfrom
+        allow = self.allow
         try:
-            for _ in range(limit):
-                out.append(recvfrom(65536))
+            if allow is None:
+                for _ in range(limit):
+                    out.append(recvfrom(65536))
+            else:
+                allows = allow.allows
+                for _ in range(limit):
+                    got = recvfrom(65536)
+                    if allows(got[1]):
+                        out.append(got)
+                    else:
+                        self.denied += 1
         except (BlockingIOError, InterruptedError):
             pass
         except ConnectionRefusedError:
