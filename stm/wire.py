@@ -181,7 +181,8 @@ class WireWriter:
     def stats(self) -> dict[str, int]:
         return {"sent": self.sent, "frames": self.frames}
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> None:
+        """End the TCP connection, if any, and the file (``timeout``: nothing to wait for)."""
         if self._file.closed:
             return
         if self._open:

@@ -536,7 +536,7 @@ def test_unreadable_auth_key_file_is_a_usage_error(tmp_path):
 def test_argument_errors_from_the_real_commands(tmp_path):
     """The same errors from the installed entry points' modules, as a user sees them."""
     cases = [
-        (["stm.cli.send", str(SIP_UDP), "--format", "gre", "--to", "tcp://127.0.0.1:9"],
+        (["stm.cli.send", str(SIP_UDP), "--format", "gre", "--to", "sctp://127.0.0.1:9"],
          "stm-send: error:"),
         (["stm.cli.recv", "--format", "gre", "--listen", "tcp://127.0.0.1:0", "-w",
           str(tmp_path / "x.pcapng")], "stm-recv: error:"),

@@ -25,7 +25,9 @@ from stm.errors import UsageError
 from stm.pipeline import Pacer, SendPipeline, Stop
 from stm.report import Encoder, TlvEncoder, stream_id_for
 from stm.source import CaptureInput
+from stm.transport.framing import Framed
 from stm.transport.tcp import TcpSender
+from stm.transport.tls import TlsConfig, client_context
 from stm.transport.udp import UdpSender
 from stm.transport.url import parse_url
 from stm.wire import WireWriter
@@ -52,33 +54,56 @@ Exit status: 0 when done (or stopped by SIGINT/SIGTERM), 1 on an error while run
 DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT}
 
 
-def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu):
+def default_port(scheme: str, fmt: str) -> int:
+    """4754 for format A (4755 over DTLS, as RFC 8086 says), 9060 for format B."""
+    return gre.GRE_DTLS_PORT if scheme == "dtls" and fmt == "gre" else DEFAULT_PORT[fmt]
+
+
+def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, tls):
     """Sockets for each --to; with --output, the one capture file that stands for them."""
-    endpoints = [parse_url(u, default_port=DEFAULT_PORT[fmt]) for u in urls]
-    for e in endpoints:
-        if e.scheme == "tcp" and fmt == "gre":
-            raise UsageError(f"{e}: format A (gre) is GRE-in-UDP; use --format tlv over TCP")
+    endpoints = [parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt)) for u in urls]
+    secure = [e for e in endpoints if e.scheme in ("tls", "dtls")]
+    if tls is not None and not secure:
+        raise UsageError("--cert, --key, --ca and --server-name are for tls:// and dtls://")
     if output is not None:
         if len(endpoints) > 1:
             raise UsageError("--output writes one report stream: give at most one --to")
         e = endpoints[0] if endpoints else parse_url(f"udp://127.0.0.1:{DEFAULT_PORT[fmt]}")
-        return [
-            WireWriter(
-                output, scheme=e.scheme, host=e.host, port=e.port, source_port=source_port, mtu=mtu
-            )
-        ]
+        if e.scheme not in ("udp", "tcp"):
+            raise UsageError(f"--output writes udp:// or tcp:// traffic, not {e.scheme}://")
+        w = WireWriter(output, scheme=e.scheme, host=e.host, port=e.port,
+                       source_port=source_port, mtu=mtu)  # fmt: skip
+        return [Framed(w) if fmt == "gre" and e.scheme == "tcp" else w]
     if not endpoints:
         raise UsageError("give a destination with --to URL (or --output FILE)")
+    config = tls or TlsConfig()
     senders = []
     try:
         for e in endpoints:
             if e.scheme == "udp":
                 senders.append(UdpSender(e.host, e.port, source_port=source_port))
+            elif e.scheme == "dtls":
+                from stm.transport import dtls
+
+                d = dtls.DtlsSender(
+                    e.host,
+                    e.port,
+                    context=dtls.client_context(config),
+                    server_hostname=config.server_hostname,
+                    source_port=source_port,
+                    mtu=mtu,
+                    queue_limit=queue,
+                )
+                senders.append(d)
+                d.connect()  # a refused certificate fails now, in one line
             else:
-                senders.append(TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy))
+                context = client_context(config) if e.scheme == "tls" else None
+                t = TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy,
+                              ssl_context=context,
+                              server_hostname=config.server_hostname or e.host)  # fmt: skip
+                senders.append(Framed(t) if fmt == "gre" else t)
     except BaseException:
-        for s in senders:
-            s.close()
+        _close(senders, 0)
         raise
     return senders
 
@@ -112,6 +137,27 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu):
     multiple=True,
     metavar="URL",
     help="udp://HOST:PORT or tcp://HOST:PORT (tlv only); repeat to send a copy to each.",
+)
+@click.option(
+    "--cert", type=click.Path(dir_okay=False), help="Our certificate (PEM), for mutual TLS."
+)
+@click.option("--key", type=click.Path(dir_okay=False), help="The key of --cert (PEM).")
+@click.option(
+    "--ca", type=click.Path(), help="CA bundle to verify the collector (default: the system's)."
+)
+@click.option(
+    "--server-name",
+    metavar="NAME",
+    help="Name to check the collector's certificate for (default: the URL's host).",
+)
+@click.option(
+    "--key-password-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Passphrase of an encrypted --key, read from FILE.",
+)
+@click.option(
+    "--key-password-env", metavar="VAR", help="Passphrase of an encrypted --key, from $VAR."
 )
 @click.option(
     "-o",
@@ -240,6 +286,12 @@ def main(
     promisc,
     follow,
     destinations,
+    cert,
+    key,
+    ca,
+    server_name,
+    key_password_file,
+    key_password_env,
     output,
     fmt,
     producer,
@@ -301,11 +353,18 @@ def main(
         # Unpaced format A takes runs of packet blocks to copy whole (RawPackets).
         bulk = fmt == "gre" and not pacer.active
         source = CaptureInput(files, follow=follow, stop=stop, raw_packets=bulk)
+    tls = None
+    if any(x is not None for x in (cert, key, ca, server_name, key_password_file,
+                                   key_password_env)):  # fmt: skip
+        tls = TlsConfig(cert=cert, key=key, ca=ca, server_hostname=server_name,
+                        password_file=key_password_file, password_env=key_password_env)  # fmt: skip
     targets = open_destinations(
-        destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy, output, mtu
+        destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy, output, mtu, tls
     )
     ip_header = max(t.ip_header for t in targets)
-    only_tcp = all(t.url.startswith("tcp:") for t in targets)
+    # A DTLS record's header and tag come out of the report's room.
+    mtu = min([mtu, *(t.report_mtu for t in targets if hasattr(t, "report_mtu"))])
+    only_tcp = all(t.url.startswith(("tcp:", "tls:")) for t in targets)
 
     def make_encoder(byte_order: str | None):
         if fmt == "gre":
@@ -389,10 +448,10 @@ def main(
 
 def _close(targets, drain_timeout: float) -> None:
     for t in targets:
-        if isinstance(t, TcpSender):
-            t.close(drain_timeout)
-        else:
+        if isinstance(t, UdpSender):
             t.close()
+        else:  # TCP, TLS, DTLS: send what is queued for up to the drain timeout
+            t.close(drain_timeout)
 
 
 def _summary(encoder, targets, elapsed, capture, as_json, human) -> None:

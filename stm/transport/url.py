@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from stm.errors import UsageError
 
-SCHEMES = ("udp", "tcp")
+SCHEMES = ("udp", "tcp", "tls", "dtls")
 
 
 @dataclass(frozen=True, slots=True)

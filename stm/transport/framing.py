@@ -1,0 +1,75 @@
+"""Datagrams over a byte stream, framed as RFC 4571 does for RTP: a 16-bit length, then
+the datagram. Format A reports (GRE-in-UDP payloads, which do not say where they end) use
+it over ``tcp://`` and ``tls://``; format B messages carry their own length and need none.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from stm.errors import MalformedReport, UsageError
+
+_LEN = struct.Struct("!H")
+MAX_DATAGRAM = 0xFFFF
+
+
+def frame(datagrams: list[bytes]) -> list[bytes]:
+    """Each datagram with its length in front."""
+    out = []
+    for d in datagrams:
+        if len(d) > MAX_DATAGRAM:
+            raise UsageError(f"a {len(d)}-byte report does not fit RFC 4571 framing")
+        out.append(_LEN.pack(len(d)) + d)
+    return out
+
+
+class Framed:
+    """A stream destination that takes datagrams: frames them and hands them on."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+        self.url = sender.url
+        self.ip_header = sender.ip_header
+
+    def send(self, datagrams: list[bytes]) -> None:
+        self.sender.send(frame(datagrams))
+
+    def stats(self) -> dict:
+        return self.sender.stats()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.sender.close(timeout)
+
+
+class DatagramFramer:
+    """The receiving side, h11 style: ``receive_data`` then ``next_message`` until None.
+
+    A zero length is a framing error (no report is empty): the stream cannot be trusted
+    after it and must be closed, as with HEP's framer.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.failed = False
+
+    def receive_data(self, data: bytes) -> None:
+        if self.failed:
+            raise MalformedReport("stream already failed; close the connection")
+        if self._pos > 65536:
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> bytes | None:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 2:
+            return None
+        n = _LEN.unpack_from(buf, pos)[0]
+        if n == 0:
+            self.failed = True
+            raise MalformedReport("RFC 4571 frame of length 0")
+        if len(buf) - pos - 2 < n:
+            return None
+        self._pos = pos + 2 + n
+        return bytes(buf[pos + 2 : self._pos])
