@@ -295,3 +295,11 @@ def test_progress_line_on_a_terminal_only(tmp_path):
     # Piped: none.
     piped = subprocess.run(cmd, capture_output=True, check=True)
     assert piped.stderr == b""
+
+
+def test_stream_id_is_carried(tmp_path):
+    wire = tmp_path / "w.pcap"
+    subprocess.run([*SEND, str(SAMPLE), "-o", str(wire), "--stream-id", "0x1234"], check=True)
+    rows = subprocess.run(["tshark", "-r", str(wire), "-T", "fields", "-e", "gre.key"],
+                          capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert rows and set(rows) == {"0x00001234"}

@@ -335,12 +335,12 @@ def main(
         raise UsageError("--loop needs files it can read again (not -, not --follow)")
     if sum(x is not None and x is not False for x in (rate, speed, realtime or None)) > 1:
         raise UsageError("choose one of --rate, --realtime and --speed")
-    key = None if stream_id is None else parse_int(stream_id, "--stream-id")
+    wanted_id = None if stream_id is None else parse_int(stream_id, "--stream-id")
     ptype = parse_int(protocol_type, "--protocol-type")
     if not 0 <= ptype <= 0xFFFF:
         raise UsageError("--protocol-type must fit 16 bits")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
-    stream = stream_id_for(producer, key)
+    stream = stream_id_for(producer, wanted_id)
     stop = Stop()
     pacer = Pacer(rate=rate, speed=1.0 if realtime else speed)
     source = live = None
