@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import selectors
 import signal
 import sys
 import time
+from collections import Counter
 
 import click
 
@@ -22,6 +25,7 @@ from stm.cli.common import (
 )
 from stm.errors import UsageError
 from stm.logbudget import LogBudget
+from stm.output import SPLIT_BY, PcapngOutput
 from stm.pcapng.writer import HOST_ORDER
 from stm.report import (
     AutoDecoder,
@@ -34,7 +38,6 @@ from stm.report import (
     Restarted,
     TlvDecoder,
 )
-from stm.sink import PcapngSink
 from stm.summary import summarize
 from stm.transport.tcp import TcpListener
 from stm.transport.udp import UdpReceiver
@@ -65,20 +68,49 @@ Examples:
   stm-recv --listen udp://0.0.0.0:4754 -w collected.pcapng
   stm-recv --listen udp://[::]:4754 -w out.pcapng --duration 60 --json
   stm-recv --listen udp://127.0.0.1:4754 -w - | wireshark -k -i -
+  stm-recv --listen udp://0.0.0.0:4754 -w ring.pcapng -C 100 -W 10
+  stm-recv --listen udp://0.0.0.0:4754 -w 'cap-%Y%m%d-%H%M.pcapng' -G 3600 --split-by producer
 """
+MAX_SOURCES = 256  # sources whose malformed reports are counted one by one
+SIZE_UNITS = {"": 1_000_000, "k": 1024, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: str) -> int:
+    """tcpdump's -C: millions of bytes, or KiB, MiB, GiB with a k, m or g suffix."""
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)([kKmMgG]?)", value.strip())
+    if not match:
+        raise UsageError(f"-C takes millions of bytes (or a k, m, g suffix), not {value!r}")
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise UsageError(f"-C {value} is less than one byte")
+    return size
 
 
 class Collector:
     """The receive loop: sockets in, decoder, sink out; stops on a signal or a limit."""
 
-    def __init__(self, receivers, decoder: Decoder, sink: PcapngSink, *, count, duration):
+    def __init__(
+        self,
+        receivers,
+        decoder: Decoder,
+        sink: PcapngOutput,
+        *,
+        count,
+        duration,
+        stats_interval=None,
+        on_stats=None,
+    ):
         self.receivers = receivers
         self.decoder = decoder
         self.sink = sink
         self.count = count
         self.duration = duration
+        self.stats_interval = stats_interval
+        self.on_stats = on_stats
         self.stop = False
+        self.started = time.monotonic()
         self.malformed_log = LogBudget(burst=1, window=1.0)  # one line a second at most
+        self.malformed_sources: Counter[str] = Counter()
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -87,9 +119,11 @@ class Collector:
                 r.register(sel)
             else:
                 sel.register(r.sock, selectors.EVENT_READ, r)
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         end = None if self.duration is None else started + self.duration
         last_expire = started
+        next_stats = None if self.stats_interval is None else started + self.stats_interval
+        rotating = getattr(self.sink, "rotate_seconds", None) is not None
         on_datagram = getattr(self.decoder, "receive_datagram", None) or (
             self.decoder.receive_message
         )
@@ -113,6 +147,16 @@ class Collector:
                 self._events()
                 last_expire = now
             self.sink.maybe_flush(now)
+            if rotating:
+                self.sink.maybe_rotate(time.time())
+                if self.sink.finished:
+                    log.warning("maximum file count reached: %d", self.sink.max_files)
+                    break
+            if next_stats is not None and now >= next_stats:
+                self.on_stats(now - started)
+                next_stats += self.stats_interval
+                if next_stats <= now:  # fell behind: no burst of lines to catch up
+                    next_stats = now + self.stats_interval
             if end is not None and now >= end:
                 break
         sel.close()
@@ -138,6 +182,12 @@ class Collector:
                 )
             elif isinstance(ev, Malformed):
                 self.malformed_log.warning("malformed report from %s: %s", ev.source, ev.reason)
+                source = _host(ev.source)
+                sources = self.malformed_sources
+                if source in sources or len(sources) < MAX_SOURCES:
+                    sources[source] += 1
+                else:
+                    sources["other"] += 1
             elif isinstance(ev, Restarted):
                 log.info("stream %s: producer restarted", ev.stream)
             elif isinstance(ev, FragmentsExpired):
@@ -206,6 +256,47 @@ class Collector:
     show_default=True,
     help="TCP connections served at once per listener.",
 )
+@click.option(
+    "-C",
+    "--file-size",
+    metavar="SIZE",
+    help="Start a new file before one would grow past SIZE millions of bytes (or KiB, MiB, "
+    "GiB with a k, m, g suffix), as tcpdump -C: FILE, FILE1, FILE2...",
+)
+@click.option(
+    "-G",
+    "--rotate-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Start a new file every SECONDS, as tcpdump -G; the -w name goes through strftime "
+    "(cap-%Y%m%d-%H%M%S.pcapng).",
+)
+@click.option(
+    "-W",
+    "--file-count",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With -C: a ring of N files, FILE0 to FILE<N-1>, the oldest overwritten; with -G "
+    "alone: stop (exit 0) after N files. As tcpdump -W.",
+)
+@click.option(
+    "--split-by",
+    type=click.Choice(SPLIT_BY),
+    help="One output per producer (out.pcapng -> out-PRODUCER.pcapng) or per stream "
+    "(out-PRODUCER-STREAMID.pcapng); combines with -C/-G/-W.",
+)
+@click.option(
+    "--stats",
+    "show_stats",
+    is_flag=True,
+    help="Print counters per stream at the end (standard error).",
+)
+@click.option(
+    "--stats-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Print them every SECONDS too (implies --stats).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options
 @click.version_option(__version__, "-V", "--version", prog_name="stm-recv")
@@ -221,16 +312,23 @@ def main(
     max_streams,
     auth_key_file,
     max_connections,
+    file_size,
+    rotate_seconds,
+    file_count,
+    split_by,
+    show_stats,
+    stats_interval,
     as_json,
     verbose,
     quiet,
 ):
-    """Receive 3GPP STM reports (TS 28.560) and rebuild the packets into one pcapng.
+    """Receive 3GPP STM reports (TS 28.560) and rebuild the packets into pcapng.
 
     Every producer, stream and source interface gets an interface of its own in the
-    output; packets keep their timestamps, lengths, flags and comments exactly. Stops on
-    SIGINT or SIGTERM (or --count/--duration), flushes the file and prints what it
-    received, lost, duplicated and rejected.
+    output; packets keep their timestamps, lengths, flags and comments exactly. The output
+    can rotate like tcpdump's (-C, -G, -W) and be split per producer or stream; every file
+    is a whole pcapng. Stops on SIGINT or SIGTERM (or --count/--duration), flushes the
+    files and prints what it received, lost, duplicated and rejected.
     """
     setup_logging("stm-recv", verbose, quiet)
     endpoints = [parse_url(u, default_port=DEFAULT_PORT[fmt]) for u in listens]
@@ -239,6 +337,11 @@ def main(
             raise UsageError(f"{e}: format A (gre) is GRE-in-UDP; TCP carries format B (tlv)")
     ptype = parse_int(protocol_type, "--protocol-type")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
+    size_limit = parse_size(file_size) if file_size is not None else None
+    if output == "-" and (size_limit or rotate_seconds or split_by):
+        raise UsageError("-C, -G and --split-by need a file name, not -w -")
+    if file_count is not None and size_limit is None and rotate_seconds is None:
+        raise UsageError("-W needs -C or -G")
     limits = {"max_streams": max_streams}
     # Reports already in the output's byte order are copied block by block (PacketBlocks).
     if fmt == "gre":
@@ -265,75 +368,143 @@ def main(
                         max_connections=max_connections,
                     )
                 )
+        out = PcapngOutput(
+            output,
+            now=time.time(),
+            size_limit=size_limit,
+            rotate_seconds=rotate_seconds,
+            max_files=file_count,
+            split_by=split_by,
+            flush_interval=flush_interval,
+            byte_order=HOST_ORDER,
+        )
     except BaseException:
         for r in receivers:
             r.close()
         raise
     collector.receivers = receivers
-    if output == "-":
-        out = sys.stdout.buffer
-    else:
-        try:
-            out = open(output, "wb")  # noqa: SIM115 - closed in finally below
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc.strerror}") from None
-    sink = PcapngSink(out, flush_interval=flush_interval)
-    sink.flush()
-    collector.sink = sink
+    collector.sink = out
+    if show_stats or stats_interval is not None:
+        collector.stats_interval = stats_interval
+        collector.on_stats = lambda elapsed: _echo_lines(
+            _stats_lines(decoder, out, collector, elapsed)
+        )
 
     def stop(signum, frame):
         collector.stop = True
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for r in receivers:
-        host, port = r.address[:2]
-        scheme = "tcp" if isinstance(r, TcpListener) else "udp"
-        log.warning("listening on %s://%s:%d", scheme, f"[{host}]" if ":" in host else host, port)
     try:
-        collector.run()
-    finally:
-        sink.close()
-        if out is not sys.stdout.buffer:
-            out.close()
-        for r in receivers:
-            r.close()
-    _summary(decoder, sink, receivers, output, as_json, quiet)
+        try:
+            out.flush()  # the section header: a valid, empty pcapng from the start
+            for r in receivers:
+                host, port = r.address[:2]
+                scheme = "tcp" if isinstance(r, TcpListener) else "udp"
+                log.warning(
+                    "listening on %s://%s:%d", scheme, f"[{host}]" if ":" in host else host, port
+                )
+            collector.run()
+        finally:
+            out.close()  # after a failed write, closes what it can without a second error
+            for r in receivers:
+                r.close()
+    except BrokenPipeError:
+        _quiet_stdout()  # the reader of -w - went away: nothing more to say there
+        raise
+    elapsed = time.monotonic() - collector.started
+    if show_stats or stats_interval is not None:
+        _echo_lines(_stats_lines(decoder, out, collector, elapsed))
+    _summary(decoder, out, receivers, output, as_json, quiet, brief=show_stats or stats_interval)
 
 
-def _summary(decoder, sink: PcapngSink, receivers, output: str, as_json: bool, quiet: bool):
+def _host(source) -> str:
+    """Where a report came from, without the port (a sender's port changes per socket)."""
+    if isinstance(source, tuple) and source:
+        return str(source[0])
+    return "-" if source is None else str(source)
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _echo_lines(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line, err=True)
+
+
+def _stats_lines(decoder, out: PcapngOutput, collector: Collector, elapsed: float) -> list[str]:
+    """Counters so far: a line of totals, one per stream, one per source of malformed input."""
+    streams = [(str(s), st.stats) for s, st in decoder.streams.items()]
+    total = {
+        k: sum(getattr(st, k) for _, st in streams)
+        for k in ("packets", "bytes", "datagrams", "lost", "duplicates", "reordered")
+    }
+    lines = [
+        f"stm-recv: stats after {elapsed:.1f} s: {out.packets} packets written, "
+        f"{total['packets']} packets and {total['bytes']} bytes in {total['datagrams']} "
+        f"reports from {len(streams)} stream(s); lost {total['lost']}, "
+        f"duplicated {total['duplicates']}, reordered {total['reordered']}, "
+        f"malformed {decoder.malformed}, rejected {out.rejected}"
+    ]
+    for name, st in streams:
+        lines.append(
+            f"  stream {name}: packets {st.packets}, bytes {st.bytes}, reports {st.datagrams}, "
+            f"lost {st.lost}, duplicated {st.duplicates}, reordered {st.reordered}, "
+            f"restarts {st.restarts}, incomplete fragments {st.fragments_expired}"
+        )
+    for source, n in collector.malformed_sources.most_common():
+        lines.append(f"  malformed from {source}: {n}")
+    return lines
+
+
+def _summary(
+    decoder, out: PcapngOutput, receivers, output: str, as_json: bool, quiet: bool, brief=False
+):
     streams = {str(s): st.stats.as_dict() for s, st in decoder.streams.items()}
     listeners = [r for r in receivers if isinstance(r, TcpListener)]
+    files = out.files
     totals = {
-        "packets_written": sink.packets,
+        "packets_written": out.packets,
         "rejected_connections": sum(r.rejected_connections for r in listeners),
         "auth_rejected": getattr(decoder, "rejected_auth", 0),
         "malformed": decoder.malformed,
-        "rejected": sink.rejected,
+        "rejected": out.rejected,
         **{
             k: sum(s[k] for s in streams.values())
-            for k in ("datagrams", "lost", "duplicates", "reordered", "fragments_expired")
+            for k in ("datagrams", "bytes", "lost", "duplicates", "reordered", "fragments_expired")
         },
     }
     if as_json:
-        click.echo(json.dumps({"output": output, **totals, "streams": streams}), err=output == "-")
+        click.echo(
+            json.dumps({"output": output, **totals, "files": files, "streams": streams}),
+            err=output == "-",
+        )
         return
     if quiet:
         return
     echo = lambda s: click.echo(s, err=True)  # noqa: E731
+    where = output if len(files) <= 1 else f"{len(files)} files ({files[0]} ... {files[-1]})"
     echo(
         f"stm-recv: {totals['packets_written']} packets from {totals['datagrams']} reports "
-        f"written to {output}; lost {totals['lost']}, duplicated {totals['duplicates']}, "
+        f"written to {where}; lost {totals['lost']}, duplicated {totals['duplicates']}, "
         f"reordered {totals['reordered']}, malformed {totals['malformed']}, "
         f"incomplete fragments {totals['fragments_expired']}"
     )
-    for name, s in streams.items():
-        echo(
-            f"  stream {name}: {s['packets']} packets, {s['datagrams']} reports, "
-            f"lost {s['lost']}, duplicated {s['duplicates']}, reordered {s['reordered']}"
-        )
-    if output != "-":
-        for line in summarize(output).lines():
+    if not brief:  # --stats printed these already
+        for name, s in streams.items():
+            echo(
+                f"  stream {name}: {s['packets']} packets, {s['datagrams']} reports, "
+                f"lost {s['lost']}, duplicated {s['duplicates']}, reordered {s['reordered']}"
+            )
+    if len(files) == 1 and files[0] != "-" and os.path.exists(files[0]):
+        for line in summarize(files[0]).lines():
             echo(line)
 
 
