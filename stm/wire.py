@@ -25,6 +25,7 @@ from stm.pcapng import constants as c
 from stm.pcapng import read_events
 from stm.pcapng.records import Packet
 from stm.pcapng.writer import PcapWriter, Writer
+from stm.transport.framing import DatagramFramer
 
 # Locally administered unicast MACs: the frames were never on a real link. To replay them
 # on one, tcprewrite --enet-dmac/--enet-smac puts in the real ones.
@@ -37,6 +38,7 @@ _ETH = {
 _TCP_HEADER = 20
 _SYN, _ACK, _PSH, _FIN = 0x02, 0x10, 0x08, 0x01
 _HEP = tlv.PROTOCOL_ID
+_GRE_PTYPE = struct.Struct("!H")  # after RFC 4571's length and the GRE flags
 
 
 def _local_address(family: int, dst: str, port: int) -> str:
@@ -224,13 +226,49 @@ class WireStats:
 class _Flow:
     """One direction of a TCP connection: bytes put in order, then cut into messages."""
 
-    __slots__ = ("framer", "held", "next", "synced")
+    __slots__ = ("framer", "head", "held", "next", "synced")
 
     def __init__(self, isn: int | None) -> None:
         self.next = None if isn is None else (isn + 1) & 0xFFFFFFFF
         self.held: dict[int, bytes] = {}  # out-of-order segments by sequence number
-        self.framer = tlv.TlvFramer()
+        # Format B (TlvFramer) or format A in RFC 4571 framing (DatagramFramer), decided by
+        # the first bytes; None until then, False for a stream that carries neither.
+        self.framer: tlv.TlvFramer | DatagramFramer | bool | None = None
+        self.head = b""
         self.synced = isn is not None  # seen from its SYN, so the first byte starts a message
+
+    def take(self, chunk: bytes, protocol_type: int) -> None:
+        """Bytes in order: to the framer, once the stream's first bytes have told which."""
+        if self.framer is None:
+            if not self.synced:  # joined mid-stream: only HEP3 says where a message starts
+                at = chunk.find(_HEP)
+                if at < 0:
+                    return
+                chunk, self.synced, self.framer = chunk[at:], True, tlv.TlvFramer()
+            else:
+                self.head += chunk
+                if len(self.head) < 6:
+                    return
+                chunk, head = self.head, self.head
+                self.head = b""
+                if head.startswith(_HEP):
+                    self.framer = tlv.TlvFramer()
+                elif _GRE_PTYPE.unpack_from(head, 4)[0] == protocol_type:
+                    self.framer = DatagramFramer()
+                else:
+                    self.framer = False
+        if self.framer:
+            self.framer.receive_data(chunk)
+
+    def messages(self) -> list[bytes]:
+        out = []
+        framer = self.framer
+        if not framer:
+            return out
+        cut = framer.next_frame if isinstance(framer, tlv.TlvFramer) else framer.next_message
+        while (msg := cut()) is not None:
+            out.append(msg)
+        return out
 
 
 MAX_HELD = 1024  # out-of-order segments held per flow before the gap is given up on
@@ -247,14 +285,14 @@ def read_reports(
     report in a capture of report traffic, in capture order.
 
     UDP payloads that look like reports (GRE with ``protocol_type``, or ``HEP3``) are
-    datagrams; TCP streams that carry ``HEP3`` messages are reassembled (out-of-order
-    segments put back in order, retransmissions dropped) and cut into messages. Everything
+    datagrams; TCP streams that carry ``HEP3`` messages, or format A framed as RFC 4571
+    says, are reassembled (out-of-order segments put back in order, retransmissions
+    dropped) and cut into reports. Everything
     else is counted as ignored. A capture started in the middle of a connection is picked
     up at the first ``HEP3`` in it.
     """
     st = stats if stats is not None else WireStats()
     flows: dict[tuple, _Flow] = st.flows
-    gre_head = struct.Struct("!H")
     for ev in read_events(source):
         if type(ev) is not Packet:
             continue
@@ -269,17 +307,19 @@ def read_reports(
         if s.proto == frames.UDP:
             payload = bytes(data[s.offset : s.end])
             if payload[:4] == _HEP or (
-                len(payload) >= 4 and gre_head.unpack_from(payload, 2)[0] == protocol_type
+                len(payload) >= 4 and _GRE_PTYPE.unpack_from(payload, 2)[0] == protocol_type
             ):
                 st.datagrams += 1
                 yield "datagram", payload, peer, t
             else:
                 st.ignored += 1
             continue
-        yield from _tcp(st, flows, s, bytes(data[s.transport : s.end]), peer, t)
+        yield from _tcp(st, flows, s, bytes(data[s.transport : s.end]), peer, t, protocol_type)
 
 
-def _tcp(st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: float):
+def _tcp(
+    st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: float, protocol_type: int
+):
     seq, flags = struct.unpack_from("!I", segment, 4)[0], segment[13]
     hlen = (segment[12] >> 4) * 4
     payload = segment[hlen:]
@@ -294,7 +334,7 @@ def _tcp(st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: f
         if flags & _SYN:
             return
         flow.next = seq
-    if flow.framer.failed:
+    if flow.framer is False or (flow.framer and flow.framer.failed):
         st.ignored += 1
         return
     if payload:
@@ -308,7 +348,7 @@ def _tcp(st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: f
         if delta:
             if len(flow.held) >= MAX_HELD:  # the capture lost bytes: go on after the gap
                 st.tcp_gaps += 1
-                flow.framer = tlv.TlvFramer()
+                flow.framer, flow.head = None, b""
                 flow.synced = False
                 flow.next = min(flow.held, key=lambda q: (q - flow.next) & 0xFFFFFFFF)
                 flow.held[seq] = payload
@@ -320,20 +360,16 @@ def _tcp(st: WireStats, flows: dict, s: frames.Split, segment: bytes, peer, t: f
         while flow.next in flow.held:
             chunk = flow.held.pop(flow.next)
             flow.next = (flow.next + len(chunk)) & 0xFFFFFFFF
-            if not flow.synced:
-                at = chunk.find(_HEP)
-                if at < 0:
-                    continue
-                chunk, flow.synced = chunk[at:], True
-            flow.framer.receive_data(chunk)
-        while True:
-            try:
-                msg = flow.framer.next_frame()
-            except MalformedReport:
-                st.tcp_errors += 1
-                return
-            if msg is None:
-                break
+            flow.take(chunk, protocol_type)
+        if flow.framer is False:
+            st.ignored += 1
+            return
+        try:
+            msgs = flow.messages()
+        except MalformedReport:
+            st.tcp_errors += 1
+            return
+        for msg in msgs:
             st.messages += 1
             yield "message", msg, peer, t
     if flags & _FIN:

@@ -36,8 +36,8 @@ def reports(fmt: str, transport: str = "udp") -> tuple[list[bytes], list]:
 def decode(source, stats=None) -> list:
     d = AutoDecoder()
     got = []
-    for kind, data, peer, t in read_reports(source, stats=stats):
-        (d.receive_datagram if kind == "datagram" else d.receive_message)(data, peer, t)
+    for _, data, peer, t in read_reports(source, stats=stats):
+        d.receive_datagram(data, peer, t)  # tells format A from B by the first bytes
         got += [p.key()[1:] for ev in d.events() if type(ev) is Packets for p in ev.packets]
     return got
 
@@ -66,6 +66,21 @@ def test_tcp_round_trip(tmp_path, host):
     stats = WireStats()
     assert decode(tmp_path / "w.pcapng", stats) == want
     assert stats.messages == len(reps) and stats.tcp_gaps == stats.tcp_errors == 0
+
+
+def test_format_a_over_tcp_round_trip_and_other_streams_ignored(tmp_path):
+    from stm.transport.framing import frame
+
+    reps, want = reports("gre")
+    write(tmp_path / "a.pcapng", frame(reps), "tcp", "127.0.0.1", 4754)
+    stats = WireStats()
+    assert decode(tmp_path / "a.pcapng", stats) == want
+    assert stats.messages == len(reps)
+    # A TCP stream that is neither format: counted as ignored, nothing decoded.
+    write(tmp_path / "http.pcapng", [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"] * 3, "tcp")
+    stats = WireStats()
+    assert decode(tmp_path / "http.pcapng", stats) == []
+    assert stats.messages == stats.tcp_errors == 0 and stats.ignored >= 3
 
 
 def test_independent_readers_agree(tmp_path):

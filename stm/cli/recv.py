@@ -38,38 +38,45 @@ from stm.report import (
     Restarted,
     TlvDecoder,
 )
+from stm.report.ownership import StreamOwners
+from stm.source import check_capture
 from stm.summary import summarize
+from stm.transport.allow import AddressFilter
+from stm.transport.framing import AutoFramer
 from stm.transport.tcp import TcpListener
+from stm.transport.tls import TlsConfig, server_context
 from stm.transport.udp import UdpReceiver
 from stm.transport.url import parse_url
+from stm.wire import WireStats, read_reports
 
 DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT, "auto": gre.GRE_UDP_PORT}
 
 
-class RawFrames:
-    """A TCP framer for format B that hands over raw messages for the report decoder."""
-
-    def __init__(self) -> None:
-        self._framer = tlv.TlvFramer()
-
-    @property
-    def failed(self) -> bool:
-        return self._framer.failed
-
-    def receive_data(self, data: bytes) -> None:
-        self._framer.receive_data(data)
-
-    def next_message(self) -> bytes | None:
-        return self._framer.next_frame()
+def default_port(scheme: str, fmt: str) -> int:
+    """4754 for format A (4755 over DTLS, as RFC 8086 says), 9060 for format B."""
+    return gre.GRE_DTLS_PORT if scheme == "dtls" and fmt != "tlv" else DEFAULT_PORT[fmt]
 
 
 EPILOG = """\b
 Examples:
-  stm-recv --listen udp://0.0.0.0:4754 -w collected.pcapng
-  stm-recv --listen udp://[::]:4754 -w out.pcapng --duration 60 --json
-  stm-recv --listen udp://127.0.0.1:4754 -w - | wireshark -k -i -
-  stm-recv --listen udp://0.0.0.0:4754 -w ring.pcapng -C 100 -W 10
-  stm-recv --listen udp://0.0.0.0:4754 -w 'cap-%Y%m%d-%H%M.pcapng' -G 3600 --split-by producer
+  collect format A and B, over UDP and TCP, into one file:
+    stm-recv --listen udp://0.0.0.0:4754 --listen tcp://0.0.0.0:9060 -w collected.pcapng
+  for a minute, with a JSON summary:
+    stm-recv --listen udp://[::]:4754 -w out.pcapng --duration 60 --json
+  watch live in Wireshark:
+    stm-recv --listen udp://127.0.0.1:4754 -w - | wireshark -k -i -
+  a ring of ten 100 MB files; hourly files, one per producer:
+    stm-recv --listen udp://0.0.0.0:4754 -w ring.pcapng -C 100 -W 10
+    stm-recv --listen udp://0.0.0.0:4754 -w 'cap-%Y%m%d-%H%M.pcapng' -G 3600 --split-by producer
+  mutual TLS and DTLS, from known networks only:
+    stm-recv --listen tls://0.0.0.0:9060 --listen dtls://0.0.0.0:4755 --cert c.pem --key c.key
+             --ca producers-ca.pem --require-client-cert --allow 10.1.0.0/16 -w out.pcapng
+  rebuild from a tcpdump taken on a collector host:
+    stm-recv --input collector.pcap -w rebuilt.pcapng
+
+\b
+Exit status: 0 when done (or stopped by SIGINT/SIGTERM), 1 on an error while running
+(a write failure), 2 on bad arguments.
 """
 MAX_SOURCES = 256  # sources whose malformed reports are counted one by one
 SIZE_UNITS = {"": 1_000_000, "k": 1024, "m": 1 << 20, "g": 1 << 30}
@@ -111,6 +118,9 @@ class Collector:
         self.started = time.monotonic()
         self.malformed_log = LogBudget(burst=1, window=1.0)  # one line a second at most
         self.malformed_sources: Counter[str] = Counter()
+        self.owners = StreamOwners()
+        self.refused_log = LogBudget(burst=1, window=1.0)
+        self._on_datagram = getattr(decoder, "receive_datagram", None) or decoder.receive_message
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -124,9 +134,8 @@ class Collector:
         last_expire = started
         next_stats = None if self.stats_interval is None else started + self.stats_interval
         rotating = getattr(self.sink, "rotate_seconds", None) is not None
-        on_datagram = getattr(self.decoder, "receive_datagram", None) or (
-            self.decoder.receive_message
-        )
+        on_datagram = self._on_datagram
+        secure = [r for r in self.receivers if hasattr(r, "identity")]  # DTLS
         while not self.stop:
             now = time.monotonic()
             timeout = 0.1 if end is None else max(0.0, min(0.1, end - now))
@@ -135,16 +144,28 @@ class Collector:
                 if isinstance(source, TcpListener):
                     source.handle(key, mask)
                     continue
+                identity = getattr(source, "identity", None)
                 for data, addr in source.drain():
+                    if identity is not None:
+                        who = identity(addr)
+                        if not self._admit(data, who):
+                            continue
+                        if who is not None:
+                            addr = (who, *addr[1:2])
                     on_datagram(data, addr, time.monotonic())
                     self._events()
                     if self.count is not None and self.sink.packets >= self.count:
                         self.stop = True
                         break
             now = time.monotonic()
+            for r in secure:
+                r.expire(now)  # DTLS handshake retransmissions are due every 0.1 s or so
             if now - last_expire >= 0.5:
                 self.decoder.expire(now)
                 self._events()
+                for r in self.receivers:
+                    if isinstance(r, TcpListener) and r.ssl_context is not None:
+                        r.expire(now)
                 last_expire = now
             self.sink.maybe_flush(now)
             if rotating:
@@ -161,12 +182,51 @@ class Collector:
                 break
         sel.close()
 
-    def on_message(self, message: bytes, peer) -> None:
-        """A whole format-B message from a TCP connection."""
-        self.decoder.receive_message(message, peer, time.monotonic())
+    def _admit(self, report: bytes, identity: str | None) -> bool:
+        """A stream ID belongs to the first authenticated peer that used it."""
+        if self.owners.admit(report, identity):
+            return True
+        stream, who, owner = self.owners.last_refused
+        self.refused_log.warning(
+            "stream %d claimed by %s, owned by %s: refused", stream, who, owner
+        )
+        return False
+
+    def on_message_from(self, listener: TcpListener):
+        """The callback for one listener's connections: a whole report (format B, or format
+        A framed by RFC 4571) with, over TLS, the peer's verified identity."""
+        secure = listener.ssl_context is not None
+
+        def on_message(message: bytes, peer) -> None:
+            if secure:
+                who = listener.peer_identity(peer)
+                if not self._admit(message, who):
+                    return
+                if who is not None:
+                    peer = (who, *peer[1:2])
+            self.receive(message, peer, time.monotonic())
+
+        return on_message
+
+    def receive(self, report: bytes, source, now: float) -> None:
+        """One report, whatever carried it."""
+        self._on_datagram(report, source, now)
         self._events()
         if self.count is not None and self.sink.packets >= self.count:
             self.stop = True
+
+    def replay(self, sources, stats: WireStats, protocol_type: int) -> None:
+        """--input: the reports of captures of report traffic, at capture time."""
+        last = 0.0
+        for path in sources:
+            for _, report, peer, t in read_reports(path, protocol_type=protocol_type, stats=stats):
+                self.receive(report, peer, t)
+                if t - last >= 0.5:
+                    self.decoder.expire(t)
+                    self._events()
+                    last = t
+                if self.stop:
+                    return
 
     def _events(self) -> None:
         sink = self.sink
@@ -199,9 +259,45 @@ class Collector:
     "--listen",
     "listens",
     multiple=True,
-    required=True,
     metavar="URL",
-    help="udp://HOST:PORT, or tcp://HOST:PORT for format B (repeatable, any mix).",
+    help="udp://, tcp://, tls:// or dtls://HOST:PORT (repeatable, any mix).",
+)
+@click.option(
+    "-r",
+    "--input",
+    "inputs",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Rebuild from a capture of report traffic (a tcpdump on a collector, stm-send "
+    "--output) instead of listening; repeatable.",
+)
+@click.option("--cert", type=click.Path(dir_okay=False), help="Our certificate (PEM) for tls/dtls.")
+@click.option("--key", type=click.Path(dir_okay=False), help="The key of --cert (PEM).")
+@click.option(
+    "--ca", type=click.Path(), help="CA bundle that producers' certificates must chain to."
+)
+@click.option(
+    "--require-client-cert",
+    is_flag=True,
+    help="Refuse tls/dtls producers without a certificate from --ca (mutual TLS).",
+)
+@click.option(
+    "--key-password-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Passphrase of an encrypted --key, read from FILE.",
+)
+@click.option(
+    "--key-password-env", metavar="VAR", help="Passphrase of an encrypted --key, from $VAR."
+)
+@click.option(
+    "--allow",
+    "allows",
+    multiple=True,
+    metavar="CIDR",
+    help="Accept reports and connections only from these networks (repeatable); others "
+    "are dropped and counted before any parsing.",
 )
 @click.option(
     "-w",
@@ -303,6 +399,14 @@ class Collector:
 @fail_cleanly("stm-recv")
 def main(
     listens,
+    inputs,
+    cert,
+    key,
+    ca,
+    require_client_cert,
+    key_password_file,
+    key_password_env,
+    allows,
     output,
     fmt,
     count,
@@ -331,10 +435,24 @@ def main(
     files and prints what it received, lost, duplicated and rejected.
     """
     setup_logging("stm-recv", verbose, quiet)
-    endpoints = [parse_url(u, default_port=DEFAULT_PORT[fmt]) for u in listens]
-    for e in endpoints:
-        if e.scheme == "tcp" and fmt == "gre":
-            raise UsageError(f"{e}: format A (gre) is GRE-in-UDP; TCP carries format B (tlv)")
+    if bool(listens) == bool(inputs):
+        raise UsageError("give --listen URL (live) or --input FILE (offline), not both")
+    for path in inputs:
+        check_capture(path)
+    endpoints = [parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt)) for u in listens]
+    secure = [e for e in endpoints if e.scheme in ("tls", "dtls")]
+    tls_options = (cert, key, ca, key_password_file, key_password_env)
+    if not secure and (any(x is not None for x in tls_options) or require_client_cert):
+        raise UsageError("--cert, --key, --ca and --require-client-cert are for tls:// and dtls://")
+    tls = TlsConfig(
+        cert=cert,
+        key=key,
+        ca=ca,
+        require_client_cert=require_client_cert,
+        password_file=key_password_file,
+        password_env=key_password_env,
+    )
+    allow = AddressFilter.from_options(allows)
     ptype = parse_int(protocol_type, "--protocol-type")
     auth_key = read_secret(auth_key_file, "--auth-key-file") if auth_key_file else None
     size_limit = parse_size(file_size) if file_size is not None else None
@@ -355,19 +473,7 @@ def main(
     collector = Collector([], decoder, None, count=count, duration=duration)
     receivers = []
     try:
-        for e in endpoints:
-            if e.scheme == "udp":
-                receivers.append(UdpReceiver(e.host, e.port))
-            else:
-                receivers.append(
-                    TcpListener(
-                        e.host,
-                        e.port,
-                        framer_factory=RawFrames,
-                        on_message=collector.on_message,
-                        max_connections=max_connections,
-                    )
-                )
+        receivers += open_receivers(endpoints, tls, allow, collector, max_connections)
         out = PcapngOutput(
             output,
             now=time.time(),
@@ -384,6 +490,7 @@ def main(
         raise
     collector.receivers = receivers
     collector.sink = out
+    wire_stats = WireStats()
     if show_stats or stats_interval is not None:
         collector.stats_interval = stats_interval
         collector.on_stats = lambda elapsed: _echo_lines(
@@ -398,13 +505,14 @@ def main(
     try:
         try:
             out.flush()  # the section header: a valid, empty pcapng from the start
-            for r in receivers:
+            for r, e in zip(receivers, endpoints, strict=True):
                 host, port = r.address[:2]
-                scheme = "tcp" if isinstance(r, TcpListener) else "udp"
-                log.warning(
-                    "listening on %s://%s:%d", scheme, f"[{host}]" if ":" in host else host, port
-                )
-            collector.run()
+                host = f"[{host}]" if ":" in host else host
+                log.warning("listening on %s://%s:%d", e.scheme, host, port)
+            if inputs:
+                collector.replay(inputs, wire_stats, ptype)
+            else:
+                collector.run()
         finally:
             out.close()  # after a failed write, closes what it can without a second error
             for r in receivers:
@@ -415,7 +523,55 @@ def main(
     elapsed = time.monotonic() - collector.started
     if show_stats or stats_interval is not None:
         _echo_lines(_stats_lines(decoder, out, collector, elapsed))
-    _summary(decoder, out, receivers, output, as_json, quiet, brief=show_stats or stats_interval)
+    extra = {"input": wire_stats.as_dict()} if inputs else {}
+    if allow is not None:
+        extra["denied"] = allow.denied
+    if secure:
+        extra["tls_failures"] = sum(getattr(r, "tls_failures", 0) for r in receivers)
+        extra["dtls"] = [r.stats() for r in receivers if hasattr(r, "identity")]
+        extra["streams_refused"] = collector.owners.rejected
+    _summary(
+        decoder,
+        out,
+        receivers,
+        output,
+        as_json,
+        quiet,
+        brief=show_stats or stats_interval,
+        extra=extra,
+    )
+
+
+def open_receivers(endpoints, tls: TlsConfig, allow, collector: Collector, max_connections):
+    """A socket for each --listen URL."""
+    receivers = []
+    try:
+        for e in endpoints:
+            if e.scheme == "udp":
+                receivers.append(UdpReceiver(e.host, e.port, allow=allow))
+            elif e.scheme == "dtls":
+                from stm.transport import dtls
+
+                receivers.append(
+                    dtls.DtlsReceiver(e.host, e.port, context=dtls.server_context(tls), allow=allow)
+                )
+            else:
+                listener = TcpListener(
+                    e.host,
+                    e.port,
+                    framer_factory=AutoFramer,
+                    on_message=lambda m, p: None,
+                    max_connections=max_connections,
+                    ssl_context=server_context(tls) if e.scheme == "tls" else None,
+                    allow=allow,
+                )
+                listener.on_message = collector.on_message_from(listener)
+                receivers.append(listener)
+    except BaseException:
+        for r in receivers:
+            r.close()
+        raise
+    return receivers
 
 
 def _host(source) -> str:
@@ -465,7 +621,14 @@ def _stats_lines(decoder, out: PcapngOutput, collector: Collector, elapsed: floa
 
 
 def _summary(
-    decoder, out: PcapngOutput, receivers, output: str, as_json: bool, quiet: bool, brief=False
+    decoder,
+    out: PcapngOutput,
+    receivers,
+    output: str,
+    as_json: bool,
+    quiet: bool,
+    brief=False,
+    extra=None,
 ):
     streams = {str(s): st.stats.as_dict() for s, st in decoder.streams.items()}
     listeners = [r for r in receivers if isinstance(r, TcpListener)]
@@ -480,6 +643,7 @@ def _summary(
             k: sum(s[k] for s in streams.values())
             for k in ("datagrams", "bytes", "lost", "duplicates", "reordered", "fragments_expired")
         },
+        **(extra or {}),
     }
     if as_json:
         click.echo(

@@ -463,8 +463,7 @@ def _summary(encoder, targets, elapsed, capture, as_json, human) -> None:
         producer=encoder.producer,
         stream_id=encoder.stream_id,
         destinations={
-            t.url: (t.stats() if isinstance(t, (TcpSender, WireWriter)) else {"refused": t.refused})
-            for t in targets
+            t.url: t.stats() if hasattr(t, "stats") else {"refused": t.refused} for t in targets
         },
     )
     if capture is not None:
