@@ -11,12 +11,17 @@ bytes) to it. Measured per run:
   ``IDLE_SECONDS`` after the sender ended, and its last busy moment (from
   ``/proc/PID/schedstat``) ends the interval instead;
 * loss: packets in the capture - packets written;
-* the receiver's peak RSS: ``VmHWM`` of ``/proc/PID/status``, sampled every 20 ms
-  (not ``ru_maxrss``: a child's counts the parent's RSS at the fork).
+* the sender's and the receiver's peak RSS: ``VmHWM`` of ``/proc/PID/status``, sampled
+  every 20 ms (not ``ru_maxrss``: a child's counts the parent's RSS at the fork), and
+  ``VmRSS`` over the run (to tell a leak from a high start).
 
-Cases: format A over UDP, format B over UDP, format B over TCP (the default
-``--queue-policy drop-oldest``, and ``block``), each ``--repeat`` times, interleaved;
-then the UDP cases again with ``--rate`` at ``--rate-fraction`` of the unlimited rate.
+Cases: format A over UDP, format B over UDP, format B over TCP (stm-send's default
+``--queue-policy``, which is now ``block`` too, and ``block``), each ``--repeat`` times,
+interleaved; then the UDP cases again with ``--rate`` at ``--rate-fraction`` of the
+unlimited rate;
+then the memory case: a capture of about ``--memory-gb`` GB (``--memory-gb`` x 1,000,000
+packets of ~1,000 bytes, generated once into bench/data/) sent by format A over UDP at full
+speed, where both sides' peak RSS must stay under ``RSS_LIMIT_MB``.
 References in the same run: ``tcpreplay --topspeed -i lo`` of the same capture rewritten
 to a local UDP sink, and ``sngrep`` replaying a SIP capture as HEP3 into
 ``stm-recv --format tlv`` beside ``stm-send --format tlv`` of the same capture.
@@ -50,7 +55,7 @@ from typing import Any
 
 import stm.pcapng as sp
 from bench.common import DATA_DIR, Row, log
-from bench.pcapng import LINKTYPE_ETHERNET, SNAPLEN, dataset, frame, timestamp
+from bench.pcapng import GEN_VERSION, LINKTYPE_ETHERNET, SNAPLEN, dataset, frame, timestamp
 
 NAME = "loopback"
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +66,9 @@ PRODUCER = "bench"
 UDP_A_TARGET = 100_000  # format A over UDP, end to end, with zero loss
 TCP_TARGET = 200_000  # format B over TCP, end to end, with zero loss
 VS_SNGREP = 3.0  # stm-send's HEP rate / sngrep's, same SIP capture
+RSS_LIMIT_MB = 100.0  # peak RSS of stm-send and of stm-recv, each, for the memory case
+MEMORY_SIZE = 1000  # mean frame size of the memory case's capture
+MEMORY_PACKETS_PER_GB = 1_000_000  # ~1,034 bytes per packet block: ~1.03 GB per unit
 
 BLOCK_LABEL = "format B, TCP, --queue-policy block"
 START_TIMEOUT = 15.0  # longest a receiver may take to say it is listening
@@ -115,6 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.7,
         metavar="F",
         help="the paced runs send at F times the best unlimited rate (loopback)",
+    )
+    parser.add_argument(
+        "--memory-gb",
+        type=float,
+        default=1.0,
+        metavar="GB",
+        help="memory case: send a capture of about GB gigabytes (GB x 1,000,000 packets of "
+        "~1,000 bytes, cached in bench/data) and check both sides' peak RSS < 100 MB; "
+        "0: skip (loopback)",
     )
     parser.add_argument(
         "--sngrep-dialogs",
@@ -250,11 +267,13 @@ class Child:
 
 
 class Sampler:
-    """Samples a running child: peak VmHWM and the last moment it was busy on a CPU."""
+    """Samples a running child: peak VmHWM, VmRSS over time (``trace``: seconds since the
+    child started, KiB) and the last moment it was busy on a CPU."""
 
     def __init__(self, child: Child) -> None:
         self.child = child
         self.vmhwm_kib = 0
+        self.trace: list[tuple[float, int]] = []
         self.last_busy = child.started
         self._cpu_ns: int | None = None
         self._stop = threading.Event()
@@ -275,6 +294,9 @@ class Sampler:
                 m = re.search(r"^VmHWM:\s+(\d+)", status, re.M)
                 if m:
                     self.vmhwm_kib = max(self.vmhwm_kib, int(m.group(1)))
+                m = re.search(r"^VmRSS:\s+(\d+)", status, re.M)
+                if m:
+                    self.trace.append((now - self.child.started, int(m.group(1))))
             self._stop.wait(SAMPLE_SECONDS)
 
     def stop(self) -> None:
@@ -284,6 +306,18 @@ class Sampler:
     @property
     def rss_mb(self) -> float | None:
         return self.vmhwm_kib * 1024 / 1e6 if self.vmhwm_kib else None
+
+    def profile(self, points: int = 5) -> list[tuple[float, float]]:
+        """(seconds, VmRSS MB) at ``points`` evenly spaced samples, first and last included."""
+        t = self.trace
+        if not t:
+            return []
+        idx = sorted({round(k * (len(t) - 1) / max(1, points - 1)) for k in range(points)})
+        return [(t[i][0], t[i][1] * 1024 / 1e6) for i in idx]
+
+
+def _profile_text(profile: list[tuple[float, float]]) -> str:
+    return ", ".join(f"{mb:.0f} MB at {s:.1f} s" for s, mb in profile) or "no samples"
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -299,7 +333,10 @@ class Run:
     written: int = 0
     e2e: float = float("nan")  # seconds, sender start -> receiver done
     recv_cpu: float | None = None
-    rss_mb: float | None = None
+    send_rss_mb: float | None = None  # peak VmHWM of the sender
+    recv_rss_mb: float | None = None  # peak VmHWM of the receiver
+    send_rss: list[tuple[float, float]] = field(default_factory=list)  # VmRSS over the run
+    recv_rss: list[tuple[float, float]] = field(default_factory=list)
     stopped: bool = False  # the receiver never reached --count
     sender: dict[str, Any] = field(default_factory=dict)
     receiver: dict[str, Any] = field(default_factory=dict)
@@ -323,6 +360,14 @@ class Run:
         return self.sent / self.send_wall if self.send_wall == self.send_wall else 0.0
 
 
+class RunError(RuntimeError):
+    """A run that failed; ``run`` holds what was measured until then (peak RSS included)."""
+
+    def __init__(self, message: str, run: Run) -> None:
+        super().__init__(message)
+        self.run = run
+
+
 def _py(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
@@ -344,15 +389,17 @@ def run_one(
     recv = Child("stm-recv", [*cmd, "--count", str(sent), *recv_args], scratch)
     send: Child | None = None
     sampler: Sampler | None = None
+    send_sampler: Sampler | None = None
     run = Run(sent)
     try:
         m = recv.wait_for(rf"listening on {scheme}://[^:]+:(\d+)", START_TIMEOUT)
         port = int(m.group(1))
         sampler = Sampler(recv)
         send = Child(sender_name, sender_cmd(port), scratch)
+        send_sampler = Sampler(send)
         if not send.wait(timeout):
             send.stop()
-            raise RuntimeError(f"{label}: {sender_name} did not end within {timeout:g} s")
+            raise RunError(f"{label}: {sender_name} did not end within {timeout:g} s", run)
         deadline = send.started + timeout
         while not recv.wait(SAMPLE_SECONDS):
             now = time.monotonic()
@@ -362,33 +409,45 @@ def run_one(
         busy = sampler.last_busy
         recv.stop()
         sampler.stop()
+        send_sampler.stop()
         assert recv.ended is not None
         done = busy if run.stopped else recv.ended
         run.e2e = done - send.started if done > send.started else float("nan")
         run.send_wall = send.wall or float("nan")
         run.send_cpu = send.cpu
         run.recv_cpu = recv.cpu
-        run.rss_mb = sampler.rss_mb
         run.receiver = recv.json()
         run.sender = send.json() if sender_name == "stm-send" else {"stdout": send.stdout()}
         run.written = int(run.receiver.get("packets_written", 0))
         if send.returncode != 0:
-            raise RuntimeError(f"{label}: {sender_name} exit {send.returncode}: {send.stderr()}")
+            raise RunError(f"{label}: {sender_name} exit {send.returncode}: {send.stderr()}", run)
         if not run.receiver:
-            raise RuntimeError(f"{label}: stm-recv printed no summary: {recv.stderr()[-500:]}")
+            raise RunError(f"{label}: stm-recv printed no summary: {recv.stderr()[-500:]}", run)
     finally:
+        for smp in (sampler, send_sampler):
+            if smp is not None:
+                smp.stop()
+        if send_sampler is not None:  # on every path, so that a failed run keeps them
+            run.send_rss_mb = send_sampler.rss_mb
+            run.send_rss = send_sampler.profile()
         if sampler is not None:
-            sampler.stop()
+            run.recv_rss_mb = sampler.rss_mb
+            run.recv_rss = sampler.profile()
         recv.close()  # stops it if it still runs
         if send is not None:
             send.close()
         out.unlink(missing_ok=True)
     log(
         f"  {label:24} send {run.send_pps:>9,.0f} pkt/s  e2e {run.e2e_pps:>9,.0f} pkt/s  "
-        f"loss {run.loss:>7,}  rss {run.rss_mb or 0:6.1f} MB"
+        f"loss {run.loss:>7,}  {_rss_text(run)}"
         + ("  (receiver stopped idle)" if run.stopped else "")
     )
     return run
+
+
+def _rss_text(run: Run) -> str:
+    """Both peaks, for the log line."""
+    return f"rss send {run.send_rss_mb or 0:5.1f} MB, recv {run.recv_rss_mb or 0:5.1f} MB"
 
 
 # -- cases ----------------------------------------------------------------------------------
@@ -486,6 +545,7 @@ def _tcpreplay(capture: Path, sent: int, timeout: float, repeat: int) -> list[Ru
         sink = Child("sink", sink_cmd, scratch)
         sampler = Sampler(sink)
         rep: Child | None = None
+        rep_sampler: Sampler | None = None
         try:
             port = int(sink.wait_for(r"port (\d+)", START_TIMEOUT, stream="out").group(1))
             rewrite = subprocess.run(
@@ -501,6 +561,7 @@ def _tcpreplay(capture: Path, sent: int, timeout: float, repeat: int) -> list[Ru
                 return f"tcprewrite failed: {rewrite.stderr.strip()[-300:]}"
             replay = ["tcpreplay", "-q", "-i", "lo", "--topspeed", str(pcap)]
             rep = Child("tcpreplay", replay, scratch)
+            rep_sampler = Sampler(rep)
             if not rep.wait(timeout):
                 rep.stop()
             if not sink.wait(timeout + IDLE_SECONDS * 3):
@@ -517,17 +578,22 @@ def _tcpreplay(capture: Path, sent: int, timeout: float, repeat: int) -> list[Ru
             last = res.get("last")
             run.e2e = last - rep.started if last else float("nan")
             run.recv_cpu = sink.cpu
-            run.rss_mb = sampler.rss_mb
+            rep_sampler.stop()
+            sampler.stop()
+            run.send_rss_mb = rep_sampler.rss_mb
+            run.recv_rss_mb = sampler.rss_mb
             run.receiver = res
             run.sender = {"stdout": rep.stdout()}
             runs.append(run)
             log(
                 f"  {'tcpreplay -> UDP sink':24} send {run.send_pps:>9,.0f} pkt/s  "
                 f"e2e {run.e2e_pps:>9,.0f} pkt/s  loss {run.loss:>7,}  "
-                f"(sink socket drops {res.get('drops')})"
+                f"{_rss_text(run)}  (sink socket drops {res.get('drops')})"
             )
         finally:
             sampler.stop()
+            if rep_sampler is not None:
+                rep_sampler.stop()
             sink.close()
             if rep is not None:
                 rep.close()
@@ -556,9 +622,15 @@ def _losses(runs: list[Run]) -> str:
 
 
 def _case_rows(
-    section: str, sender: str, runs: list[Run], refs: dict[str, Run | None]
+    section: str,
+    sender: str,
+    runs: list[Run],
+    refs: dict[str, Run | None],
+    *,
+    trace: bool = False,
 ) -> list[Row]:
-    """Sender rate, end to end rate, loss and receiver peak RSS of the best run."""
+    """Sender rate, end to end rate, loss, and sender and receiver peak RSS of the best run
+    (``trace``: the RSS notes also give VmRSS over the run)."""
     best = max(runs, key=lambda r: r.e2e_pps)
     n = best.sent
     own = best.sender.get("packets_per_second")
@@ -582,8 +654,13 @@ def _case_rows(
         note += f"; receiver saw {lost_reports:,} reports missing"
     loss = Row(NAME, section, "loss (sent - written)", best.loss, "pkt", note=note)
     loss.status = "" if best.loss == 0 else "LOSS"
-    rss = Row(NAME, section, "receiver peak RSS", best.rss_mb or float("nan"), "MB")
+    send_rss = Row(NAME, section, "sender peak RSS", best.send_rss_mb or float("nan"), "MB")
+    send_rss.note = "VmHWM of the sending process"
+    rss = Row(NAME, section, "receiver peak RSS", best.recv_rss_mb or float("nan"), "MB")
     rss.note = "VmHWM of the receiving process"
+    if trace:
+        send_rss.note += f"; VmRSS {_profile_text(best.send_rss)}"
+        rss.note += f"; VmRSS {_profile_text(best.recv_rss)}"
     for key, ref in refs.items():
         if ref is None:
             continue
@@ -592,7 +669,11 @@ def _case_rows(
             send.vs_cpu[key] = ref.send_cpu / send.cpu_seconds
         if ref.e2e_pps:
             e2e.vs[key] = e2e.value / ref.e2e_pps
-    return [send, e2e, loss, rss]
+    return [send, e2e, loss, send_rss, rss]
+
+
+def _named(rows: list[Row], section: str, name: str) -> Row:
+    return next(r for r in rows if r.section == section and r.name == name)
 
 
 def _skipped(name: str, why: str) -> Row:
@@ -611,17 +692,91 @@ def _target(name: str, run: Run | None, goal: float, *, lossless: bool = True) -
     return Row(NAME, "target", name, run.e2e_pps, "pkt/s", status=status, note=note)
 
 
+def _vs_tcpreplay(run: Run, ref: Run | None, why: str) -> Row:
+    """The issue's comparison: wall time and loss of stm-send -> stm-recv beside tcpreplay's,
+    same capture, same run. No threshold: a LOSS status only flags loss."""
+    name = "stm-send -> stm-recv wall / tcpreplay's"
+    ours = (
+        f"stm-send -> stm-recv (format A, UDP) {run.e2e:.2f} s end to end "
+        f"(stm-send {run.send_wall:.2f} s), loss {run.loss:,}"
+    )
+    if ref is None:
+        return Row(NAME, "target", name, float("nan"), "x", status="n/a", note=f"{ours}; {why}")
+    ratio = run.e2e / ref.e2e if ref.e2e == ref.e2e and ref.e2e > 0 else float("nan")
+    note = (
+        f"{ours}; tcpreplay --topspeed -> UDP sink {ref.e2e:.2f} s end to end "
+        f"(tcpreplay {ref.send_wall:.2f} s), loss {ref.loss:,}; no threshold in the issue"
+    )
+    row = Row(NAME, "target", name, ratio, "x", run.sent, run.e2e, note=note)
+    row.status = "LOSS" if run.loss else ""
+    return row
+
+
+def _memory_capture(gb: float) -> tuple[Path, int]:
+    """The memory case's capture: ``gb`` x 1,000,000 packets of ~MEMORY_SIZE bytes, made
+    by ``dataset`` (so cached in bench/data/ like the others); its creation is logged."""
+    packets = max(1, round(gb * MEMORY_PACKETS_PER_GB))
+    cached = (DATA_DIR / f"pcapng-v{GEN_VERSION}-{packets}x{MEMORY_SIZE}.pcapng").exists()
+    t0 = time.monotonic()
+    path = dataset(packets, MEMORY_SIZE)
+    how = "cached" if cached else f"generated in {time.monotonic() - t0:.0f} s"
+    size = path.stat().st_size
+    log(
+        f"memory capture: {path} ({size / 1e9:.2f} GB, {packets:,} packets of "
+        f"~{MEMORY_SIZE} bytes; {how})"
+    )
+    return path, packets
+
+
+def _memory_rows(case: Case, gb: float, capture: Path, error: str) -> list[Row]:
+    """Target rows: the peak RSS of each side < RSS_LIMIT_MB (loss beside, not part of it)."""
+    rows = []
+    run = case.runs[-1] if case.runs else None
+    size = capture.stat().st_size / 1e9
+    for side, label in (("send", "stm-send"), ("recv", "stm-recv")):
+        name = f"{label} peak RSS, {gb:g} GB input"
+        if run is None:
+            rows.append(Row(NAME, "target", name, float("nan"), "MB", status="n/a", note=error))
+            continue
+        peak = run.send_rss_mb if side == "send" else run.recv_rss_mb
+        trace = run.send_rss if side == "send" else run.recv_rss
+        value = peak if peak is not None else float("nan")
+        # NaN: MISS; a run cut short shows a peak so far: it can fail the target, not pass it
+        status = "MISS" if not value < RSS_LIMIT_MB else "n/a" if error else "PASS"
+        note = (
+            f"need < {RSS_LIMIT_MB:g} MB; {size:.2f} GB, {run.sent:,} packets, format A over "
+            f"UDP at full speed; loss {run.loss:,} ({100 * run.loss / run.sent:.2f} %, not "
+            f"part of this target); VmRSS {_profile_text(trace)}"
+        )
+        if error:
+            note += f"; run failed: {error}"
+        rows.append(Row(NAME, "target", name, value, "MB", run.sent, status=status, note=note))
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     """Run the loopback benchmark and return its rows."""
     capture = dataset(args.packets, args.size)
     n = args.packets
     timeout = args.timeout if args.timeout is not None else max(120.0, n / 2000)
     log(f"capture: {capture} ({n:,} packets of ~{args.size} bytes)")
+    gb = args.memory_gb
+    memory: Case | None = None
+    if gb > 0:  # made first: its creation is not timed against anything
+        big, big_n = _memory_capture(gb)
+        key = f"A-udp-{gb:g}GB"
+        memory = Case(key, f"format A, UDP, {gb:g} GB capture", "gre", "udp", capture=big)
     cases = [
         Case("A-udp", "format A, UDP", "gre", "udp"),
         Case("B-udp", "format B, UDP", "tlv", "udp"),
         Case("A-udp-9000", "format A, UDP, --mtu 9000", "gre", "udp", extra=("--mtu", "9000")),
-        Case("B-tcp", "format B, TCP", "tlv", "tcp"),
+        Case(
+            "B-tcp",
+            "format B, TCP, --queue-policy drop-oldest",
+            "tlv",
+            "tcp",
+            extra=("--queue-policy", "drop-oldest"),
+        ),
         Case("B-tcp-block", BLOCK_LABEL, "tlv", "tcp", extra=("--queue-policy", "block")),
     ]
     for _ in range(max(1, args.repeat)):
@@ -637,8 +792,19 @@ def run(args: argparse.Namespace) -> list[Row]:
     for _ in range(max(1, args.repeat)):
         for case in paced:
             case.run(capture, n, timeout)
+    memory_error = ""
+    if memory is not None:  # once: a peak, not a rate
+        big_timeout = args.timeout if args.timeout is not None else max(120.0, big_n / 2000)
+        log(f"memory case: {big_n:,} packets, timeout {big_timeout:g} s")
+        try:
+            memory.run(big, big_n, big_timeout)
+        except RunError as e:
+            memory_error = str(e)[:300]
+            memory.runs.append(e.run)
+            log(f"  memory case failed: {memory_error}")
 
     tcpreplay: Run | None = None
+    tcpreplay_why = "--no-refs"
     sngrep_rows: list[Row] = []
     notes: list[Row] = []
     vs_sngrep: Row | None = None
@@ -647,11 +813,16 @@ def run(args: argparse.Namespace) -> list[Row]:
         if isinstance(got, str):
             log(f"  tcpreplay skipped: {got}")
             notes.append(_skipped("tcpreplay", got))
+            tcpreplay_why = f"tcpreplay skipped: {got}"
         else:
             tcpreplay = max(got, key=lambda r: r.e2e_pps)
             rows = _case_rows("ref-tcpreplay", "tcpreplay --topspeed -i lo", got, {})
-            rows[1].note = "UDP sink (python, recv loop): last datagram - tcpreplay start"
-            rows[3].note = "VmHWM of the UDP sink"
+            section = "ref-tcpreplay"
+            _named(
+                rows, section, "end to end"
+            ).note = "UDP sink (python, recv loop): last datagram - tcpreplay start"
+            _named(rows, section, "sender peak RSS").note = "VmHWM of tcpreplay"
+            _named(rows, section, "receiver peak RSS").note = "VmHWM of the UDP sink"
             notes += rows
         k = args.sngrep_dialogs
         sip = capture if k <= 0 else _sip_capture(n, args.size, k)
@@ -674,20 +845,24 @@ def run(args: argparse.Namespace) -> list[Row]:
             sngrep_rows = _case_rows("ref-sngrep", f"sngrep -I -H udp: ({dialogs})", sng_runs, {})
             label = f"stm-send --format tlv ({dialogs})"
             sngrep_rows += _case_rows(ours.key, label, ours.runs, {"sngrep": sng})
-            ratio = sngrep_rows[4].value / sngrep_rows[0].value  # sender rows: ours / sngrep
+            ours_send = _named(sngrep_rows, ours.key, "sender")
+            ratio = ours_send.value / _named(sngrep_rows, "ref-sngrep", "sender").value
             vs_sngrep = Row(
                 NAME, "target", "stm-send HEP rate vs sngrep", ratio, "x",
                 status="PASS" if ratio >= VS_SNGREP else "MISS",
                 note=f"need >= {VS_SNGREP:g}x (sender wall time, same SIP capture); "
-                f"by CPU time {sngrep_rows[4].vs_cpu.get('sngrep', float('nan')):.2f}x",
+                f"by CPU time {ours_send.vs_cpu.get('sngrep', float('nan')):.2f}x",
             )  # fmt: skip
 
     refs = {"tcpreplay": tcpreplay}
     rows: list[Row] = []
     for case in cases + paced:
         rows += _case_rows(case.key, case.label, case.runs, refs)
+    if memory is not None and memory.runs:
+        rows += _case_rows(memory.key, memory.label, memory.runs, {}, trace=True)
     rows += notes + sngrep_rows
     rows += [
+        _vs_tcpreplay(by["A-udp"].best(), tcpreplay, tcpreplay_why),
         _target("format A UDP end to end", by["A-udp"].best(), UDP_A_TARGET),
         _target("format B TCP end to end", by["B-tcp"].best(), TCP_TARGET),
         _target("format B TCP end to end, block", by["B-tcp-block"].best(), TCP_TARGET),
@@ -703,6 +878,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         )
     if vs_sngrep is not None:
         rows.append(vs_sngrep)
+    if memory is not None:
+        rows += _memory_rows(memory, gb, big, memory_error)
     return rows
 
 
