@@ -434,13 +434,15 @@ def main(
                     pacer.restart()
                 pipeline.run(source.events())
                 passes += 1
-        pipeline.finish()
     finally:
-        if bar is not None:
-            bar.close()
-        if live is not None:
-            live.close()
-        _close(targets, drain_timeout)
+        try:
+            pipeline.finish()  # also after a bad block: what came before it goes out
+        finally:
+            if bar is not None:
+                bar.close()
+            if live is not None:
+                live.close()
+            _close(targets, drain_timeout)
     capture = live.stats() if live is not None else None
     human = stats and not quiet
     _summary(pipeline.encoder, targets, time.monotonic() - started, capture, as_json, human)
