@@ -555,7 +555,7 @@ def open_receivers(endpoints, tls: TlsConfig, allow, collector: Collector, max_c
                 receivers.append(
                     dtls.DtlsReceiver(e.host, e.port, context=dtls.server_context(tls), allow=allow)
                 )
-            else:
+            elif e.scheme in ("tcp", "tls"):
                 listener = TcpListener(
                     e.host,
                     e.port,
@@ -567,6 +567,8 @@ def open_receivers(endpoints, tls: TlsConfig, allow, collector: Collector, max_c
                 )
                 listener.on_message = collector.on_message_from(listener)
                 receivers.append(listener)
+            else:
+                raise UsageError(f"{e}: stm-recv cannot listen on {e.scheme}:// yet")
     except BaseException:
         for r in receivers:
             r.close()

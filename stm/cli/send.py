@@ -96,12 +96,14 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, 
                 )
                 senders.append(d)
                 d.connect()  # a refused certificate fails now, in one line
-            else:
+            elif e.scheme in ("tcp", "tls"):
                 context = client_context(config) if e.scheme == "tls" else None
                 t = TcpSender(e.host, e.port, queue_limit=queue, policy=queue_policy,
                               ssl_context=context,
                               server_hostname=config.server_hostname or e.host)  # fmt: skip
                 senders.append(Framed(t) if fmt == "gre" else t)
+            else:
+                raise UsageError(f"{e}: stm-send cannot send to {e.scheme}:// yet")
     except BaseException:
         _close(senders, 0)
         raise
