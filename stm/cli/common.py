@@ -68,3 +68,47 @@ def read_secret(path: str, what: str) -> bytes:
             return f.read().rstrip(b"\r\n")
     except OSError as exc:
         raise UsageError(f"{what}: cannot read {path}: {exc.strerror}") from None
+
+
+def tls_options(*, receiver: bool):
+    """The certificate options of tls://, dtls:// (and wss://) for either command:
+    ``cert``, ``key``, ``ca``, ``key_password_file``, ``key_password_env``, then
+    ``require_client_cert`` (receiver) or ``server_name`` (sender)."""
+    peer = "producers' certificates" if receiver else "the collector's certificate"
+    options = [
+        click.option("--cert", type=click.Path(dir_okay=False), help="Our certificate (PEM)."),
+        click.option("--key", type=click.Path(dir_okay=False), help="The key of --cert (PEM)."),
+        click.option("--ca", type=click.Path(), help=f"CA bundle that {peer} must chain to."),
+        click.option(
+            "--key-password-file",
+            type=click.Path(dir_okay=False),
+            metavar="FILE",
+            help="Passphrase of an encrypted --key, read from FILE.",
+        ),
+        click.option(
+            "--key-password-env", metavar="VAR", help="Passphrase of an encrypted --key, from $VAR."
+        ),
+    ]
+    if receiver:
+        options.append(
+            click.option(
+                "--require-client-cert",
+                is_flag=True,
+                help="Refuse producers without a certificate from --ca (mutual TLS).",
+            )
+        )
+    else:
+        options.append(
+            click.option(
+                "--server-name",
+                metavar="NAME",
+                help="Name the collector's certificate must carry (default: the URL's host).",
+            )
+        )
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate

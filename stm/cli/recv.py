@@ -21,6 +21,7 @@ from stm.cli.common import (
     parse_int,
     read_secret,
     setup_logging,
+    tls_options,
     verbosity_options,
 )
 from stm.errors import UsageError
@@ -272,25 +273,7 @@ class Collector:
     help="Rebuild from a capture of report traffic (a tcpdump on a collector, stm-send "
     "--output) instead of listening; repeatable.",
 )
-@click.option("--cert", type=click.Path(dir_okay=False), help="Our certificate (PEM) for tls/dtls.")
-@click.option("--key", type=click.Path(dir_okay=False), help="The key of --cert (PEM).")
-@click.option(
-    "--ca", type=click.Path(), help="CA bundle that producers' certificates must chain to."
-)
-@click.option(
-    "--require-client-cert",
-    is_flag=True,
-    help="Refuse tls/dtls producers without a certificate from --ca (mutual TLS).",
-)
-@click.option(
-    "--key-password-file",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Passphrase of an encrypted --key, read from FILE.",
-)
-@click.option(
-    "--key-password-env", metavar="VAR", help="Passphrase of an encrypted --key, from $VAR."
-)
+@tls_options(receiver=True)
 @click.option(
     "--allow",
     "allows",
@@ -403,9 +386,9 @@ def main(
     cert,
     key,
     ca,
-    require_client_cert,
     key_password_file,
     key_password_env,
+    require_client_cert,
     allows,
     output,
     fmt,

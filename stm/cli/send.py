@@ -18,6 +18,7 @@ from stm.cli.common import (
     parse_int,
     read_secret,
     setup_logging,
+    tls_options,
     verbosity_options,
 )
 from stm.cli.progress import Progress
@@ -140,27 +141,7 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, 
     metavar="URL",
     help="udp://HOST:PORT or tcp://HOST:PORT (tlv only); repeat to send a copy to each.",
 )
-@click.option(
-    "--cert", type=click.Path(dir_okay=False), help="Our certificate (PEM), for mutual TLS."
-)
-@click.option("--key", type=click.Path(dir_okay=False), help="The key of --cert (PEM).")
-@click.option(
-    "--ca", type=click.Path(), help="CA bundle to verify the collector (default: the system's)."
-)
-@click.option(
-    "--server-name",
-    metavar="NAME",
-    help="Name to check the collector's certificate for (default: the URL's host).",
-)
-@click.option(
-    "--key-password-file",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Passphrase of an encrypted --key, read from FILE.",
-)
-@click.option(
-    "--key-password-env", metavar="VAR", help="Passphrase of an encrypted --key, from $VAR."
-)
+@tls_options(receiver=False)
 @click.option(
     "-o",
     "--output",
@@ -291,9 +272,9 @@ def main(
     cert,
     key,
     ca,
-    server_name,
     key_password_file,
     key_password_env,
+    server_name,
     output,
     fmt,
     producer,
