@@ -110,33 +110,11 @@ class WireWriter:
         self._seq = self._ack = 0
         self._open = False
 
-    def _frame(
-        self,
-        src: bytes,
-        dst: bytes,
-        sport: int,
-        dport: int,
-        payload: bytes,
-        *,
-        seq: int = 0,
-        ack: int = 0,
-        flags: int = 0,
-    ) -> None:
-        if self.scheme == "udp":
-            ip = frames.synthesize(self.family, frames.UDP, src, dst, sport, dport, payload)
-        else:
-            ip = frames.synthesize(
-                self.family,
-                frames.TCP,
-                src,
-                dst,
-                sport,
-                dport,
-                payload,
-                seq=seq,
-                ack=ack,
-                flags=flags,
-            )
+    def _frame(self, src: bytes, dst: bytes, sport: int, dport: int, payload: bytes,
+               seq: int = 0, ack: int = 0, flags: int = 0) -> None:  # fmt: skip
+        proto = frames.UDP if self.scheme == "udp" else frames.TCP  # UDP has no seq, ack, flags
+        ip = frames.synthesize(self.family, proto, src, dst, sport, dport, payload, seq,
+                               ack=ack, flags=flags)  # fmt: skip
         data = _ETH[self.family] + ip
         ts = self.clock()
         if self._pcap is not None:
