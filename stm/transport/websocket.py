@@ -1,0 +1,1542 @@
+"""STM reports over WebSocket (RFC 6455), as 3GPP management data streaming carries them.
+
+The producer (stm-send) is the WebSocket client, the consumer (stm-recv) the server; every
+binary data frame carries exactly one report, the bytes a UDP datagram would carry, so the
+decoders, loss accounting and output are those of UDP and TCP. How a connection is
+established is :mod:`stm.streaming`'s business (TS 28.532's REST resources, or the seed's
+streamInfoList Ping); this module does the I/O, with wsproto for the frames and h11 for
+HTTP (both sans-IO, so the consumer is one selector loop).
+
+Delivery: a Ping after every batch, answered by the consumer only once the reports before
+it went through the decoder, acknowledges them; the sender counts a report ``sent`` when
+it is acknowledged, and after a lost connection writes the unacknowledged ones again on
+the next (at least once: the decoder drops duplicates by sequence number). So a receiver
+restart loses nothing the sender accepted; what is left at the end counts as undelivered.
+
+* :class:`WsSender`: a background thread owns the connection, like
+  :class:`~stm.transport.tcp.TcpSender` (bounded queue, block or drop-oldest, reconnect
+  with backoff and jitter, the streams established again after every reconnect).
+* :class:`WsReceiver`: a listening socket served by a thread of its own (accept, TLS, HTTP,
+  REST, WebSocket); the reports reach stm-recv's selector loop through a queue and a
+  socketpair, in the shape of :class:`~stm.transport.udp.UdpReceiver` (``sock``,
+  ``drain()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import selectors
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+from stm.errors import ProtocolError, StmError, UsageError
+from stm.logbudget import LogBudget
+from stm.streaming import (
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED,
+    MAX_BODY,
+    MAX_MESSAGE,
+    PROCEDURES,
+    Registry,
+    Response,
+    Session,
+    StreamInfo,
+    connection_request,
+    encode_ping,
+    is_stream_ping,
+    refusal,
+)
+from stm.transport.allow import AddressFilter
+from stm.transport.tls import peer_identity
+from stm.transport.url import Endpoint, resolve
+
+try:  # optional: pip install 'stm[websocket]'
+    import h11
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        AcceptConnection,
+        BytesMessage,
+        CloseConnection,
+        Ping,
+        Pong,
+        RejectConnection,
+        RejectData,
+        Request,
+        TextMessage,
+    )
+    from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+except ImportError:  # pragma: no cover - exercised only without the extra
+    h11 = None  # type: ignore[assignment]
+
+__all__ = ["Refused", "WsReceiver", "WsSender"]
+
+log = logging.getLogger("stm")
+
+BATCH_BYTES = 256 << 10
+"""Reports framed and written at once (then a Ping asks for their acknowledgement)."""
+WINDOW = 960
+"""Reports written and not yet acknowledged, at most: inside the decoder's duplicate window
+of 1,024, so what is written again after a reconnect is recognised as such."""
+READ_SIZE = 256 << 10
+MAX_QUEUE = 10000
+"""Reports the receiver's thread holds for the selector loop before it stops reading."""
+MAX_OUT = 1 << 20
+"""Bytes the receiver holds for a peer that does not read its Pongs and responses."""
+_IO_SLICE = 0.2
+PING_EVERY = 64
+"""Reports written between two acknowledgement Pings, at most."""
+PING_AFTER = 0.02
+"""Seconds an idle sender waits before it asks for the acknowledgement of the last ones."""
+_ACK = struct.Struct("!Q")
+
+
+def _need_wsproto() -> None:
+    if h11 is None:
+        raise UsageError("ws:// and wss:// need wsproto: pip install 'stm[websocket]'")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _host_header(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_name(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return _host_header(str(addr[0]), addr[1])
+    return str(addr)
+
+
+class Refused(StmError):
+    """The consumer refused the streams: a 4xx to the POST or the Upgrade, or a Close (or
+    silence) instead of the Pong to the streamInfoList. One line, for the user."""
+
+
+# == the producer ==============================================================================
+
+
+class _Link:
+    """One established WebSocket connection of the sender: a blocking socket (with a short
+    timeout) and its wsproto state. Not thread-safe: the sender's thread owns it."""
+
+    def __init__(self, sock: socket.socket, ws: WSConnection, connection: str | None) -> None:
+        self.sock = sock
+        self.ws = ws
+        self.connection = connection
+        self.written = 0  # reports written on this connection
+        self.acked = 0  # ... of which the consumer acknowledged
+        self.pinged = 0  # ... up to which a Ping asked for an acknowledgement
+        self.ping_time = 0.0
+        self.closed_by: str | None = None
+
+    def events(self, timeout: float) -> str | None:
+        """Read what the consumer sent (waiting up to ``timeout``), answer its Pings, note
+        acknowledgements; why the connection is over, or None."""
+        if self.closed_by is not None:
+            return self.closed_by
+        sock = self.sock
+        try:
+            sock.settimeout(timeout)
+            data = sock.recv(READ_SIZE)
+            if isinstance(sock, ssl.SSLSocket):
+                while data and sock.pending():
+                    data += sock.recv(sock.pending())
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except OSError as exc:
+            self.closed_by = _reason(exc)
+            return self.closed_by
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(_IO_SLICE)
+        self.ws.receive_data(data or None)
+        out = []
+        for event in self.ws.events():
+            if isinstance(event, Pong):
+                if len(event.payload) == _ACK.size:
+                    self.acked = max(self.acked, _ACK.unpack(event.payload)[0])
+            elif isinstance(event, Ping):
+                out.append(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                with contextlib.suppress(LocalProtocolError):
+                    out.append(self.ws.send(event.response()))
+                why = f"closed by the consumer: {event.code}"
+                self.closed_by = f"{why} {event.reason}" if event.reason else why
+        if out:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"".join(out))
+        if not data and self.closed_by is None:
+            self.closed_by = "connection closed by the consumer"
+        return self.closed_by
+
+    def frames(self, reports: list[bytes]) -> bytes:
+        send = self.ws.send
+        return b"".join([send(BytesMessage(data=r)) for r in reports])
+
+    def ping(self) -> bytes:
+        """An acknowledgement request: the consumer answers it once everything written
+        before it went through its decoder."""
+        return self.ws.send(Ping(payload=_ACK.pack(self.written)))
+
+    def terminate(self, code: int, reason: str, wait: float) -> None:
+        """terminateStreamingConnection: our Close, then the consumer's echo (up to
+        ``wait`` seconds), then the socket goes."""
+        try:
+            if self.closed_by is None:
+                self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason)))
+                deadline = time.monotonic() + wait
+                while self.closed_by is None and time.monotonic() < deadline:
+                    self.events(min(_IO_SLICE, max(0.0, deadline - time.monotonic())))
+        except (OSError, LocalProtocolError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+
+
+class WsSender:
+    """Sends reports to one consumer over WebSocket, from a thread that owns the connection.
+
+    ``endpoint``: a ``ws://`` or ``wss://`` :class:`~stm.transport.url.Endpoint` (its path is
+    where the consumer's resources are). ``streams``: what the connection carries
+    (:meth:`StreamInfo.stm`), announced by ``procedure`` (``ts28532`` or ``seed``) on every
+    connection. The queue and its ``policy`` behave as :class:`~stm.transport.tcp.TcpSender`'s.
+
+    Counters (:meth:`stats`): ``sent`` reports acknowledged by the consumer, ``dropped``
+    (drop-oldest), ``undelivered`` (queued or unacknowledged at close), ``resent`` (written
+    again after a lost connection), ``reconnects``. After :meth:`close`, ``sent + dropped +
+    undelivered`` is what was given to :meth:`send`.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        producer: str,
+        streams: list[StreamInfo],
+        procedure: str = "ts28532",
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        queue_limit: int = 10000,
+        policy: str = "block",
+        connect_timeout: float = 5.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        _need_wsproto()
+        if procedure not in PROCEDURES:
+            raise UsageError(f"procedure must be one of {', '.join(PROCEDURES)}")
+        if policy not in ("block", "drop-oldest"):
+            raise UsageError(f"policy must be block or drop-oldest, not {policy!r}")
+        if queue_limit < 1 or connect_timeout <= 0 or not 0 < backoff_initial <= backoff_max:
+            raise UsageError("need queue_limit >= 1, connect_timeout > 0, 0 < backoff <= max")
+        if (endpoint.scheme == "wss") != (ssl_context is not None):
+            raise UsageError("wss:// needs a TLS context, ws:// none")
+        family, _ = resolve(endpoint.host, endpoint.port, socket.SOCK_STREAM)
+        self.endpoint = endpoint
+        self.url = str(endpoint)
+        self.ip_header = 40 if family == socket.AF_INET6 else 20
+        self.producer = producer
+        self.streams = list(streams)
+        self.procedure = procedure
+        self.ping_payload = encode_ping(producer, streams) if procedure == "seed" else b""
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or endpoint.host
+        self.queue_limit = queue_limit
+        self.policy = policy
+        self.connect_timeout = connect_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.base = endpoint.path.rstrip("/")
+        self.sent = self.bytes = self.dropped = self.undelivered = 0
+        self.resent = self.reconnects = 0
+        self.connected = False
+        self.connection: str | None = None
+        """The consumer's connection ID (a URI) under TS 28.532; None otherwise."""
+        self.last_error: str | None = None
+        self._connects = 0
+        self._lock = threading.Lock()
+        self._nonempty = threading.Condition(self._lock)
+        self._room = threading.Condition(self._lock)
+        self._queue: deque[bytes] = deque()
+        self._unacked: deque[bytes] = deque()
+        self._closing = False
+        self._finished = False
+        self._finalized = False
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._first_refusal: str | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"stm ws sender {self.url}", daemon=True
+        )
+        self._thread.start()
+
+    # -- caller side ----------------------------------------------------------------------
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Wait for the first attempt: raise :class:`Refused` if the consumer refused the
+        streams (a 4xx, a Close instead of the Pong); return once connected, or once the
+        consumer proved unreachable (the thread goes on trying, as over TCP)."""
+        self._first.wait(self.connect_timeout * 2 + 1 if timeout is None else timeout)
+        if self._first_refusal is not None:
+            self.close(0)
+            raise Refused(f"{self.url}: the consumer refused the streams: {self._first_refusal}")
+
+    def send(self, messages: list[bytes]) -> None:
+        block = self.policy == "block"
+        with self._lock:
+            if self._closing:
+                raise UsageError("send() after close()")
+            queue = self._queue
+            for i, message in enumerate(messages):
+                if type(message) is not bytes:
+                    message = bytes(message)
+                while len(queue) >= self.queue_limit:
+                    if not block:
+                        queue.popleft()
+                        self.dropped += 1
+                        break
+                    if self._closing or self._finished:
+                        self.undelivered += len(messages) - i
+                        return
+                    self._nonempty.notify()
+                    self._room.wait(0.5)
+                queue.append(message)
+                if len(queue) == 1:
+                    self._nonempty.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued and have it acknowledged, for up to ``timeout`` seconds;
+        then Close (1000) and stop the thread."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._nonempty.notify_all()
+            self._room.notify_all()
+        self._thread.join(max(0.0, timeout))
+        if self._thread.is_alive():
+            self._stop.set()
+            with self._lock:
+                self._nonempty.notify_all()
+            self._thread.join(self.connect_timeout + 2.0)
+            if self._thread.is_alive():
+                log.warning("websocket sender to %s did not stop in time", self.url)
+        with self._lock:
+            self._finalize()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "sent": self.sent,
+                "bytes": self.bytes,
+                "dropped": self.dropped,
+                "undelivered": self.undelivered,
+                "reconnects": self.reconnects,
+                "resent": self.resent,
+                "connected": self.connected,
+                "queued": len(self._queue) + len(self._unacked),
+                "procedure": self.procedure,
+                "connection": self.connection,
+            }
+
+    # -- TS 28.532 operations on the open connection (caller's thread, own HTTP connection) -
+
+    def add_streams(self, streams: list[StreamInfo]) -> list[dict]:
+        """addStream: POST .../connections/{id}/streams; the streams the consumer took."""
+        _, body = self._rest("POST", "/streams", [s.to_json() for s in streams], ok=(201, 202))
+        taken = {x.get("streamId") for x in json.loads(body)}
+        with self._lock:
+            self.streams += [s for s in streams if s.stream_id in taken]
+        return json.loads(body)
+
+    def delete_streams(self, stream_ids: list[str]) -> None:
+        """deleteStream: DELETE .../connections/{id}/streams?streamIds=..."""
+        query = "&".join(f"streamIds={i}" for i in stream_ids)
+        self._rest("DELETE", f"/streams?{query}", None, ok=(204,))
+        with self._lock:
+            self.streams = [s for s in self.streams if s.stream_id not in stream_ids]
+
+    def connection_info(self) -> dict:
+        """getConnectionInfo: GET .../connections/{id} (connectionInfo-Type)."""
+        return json.loads(self._rest("GET", "", None, ok=(200,))[1])
+
+    def stream_info(self, stream_ids: list[str]) -> list[dict]:
+        """getStreamInfo: GET .../connections/{id}/streams?streamIds=..."""
+        query = "&".join(f"streamIds={i}" for i in stream_ids)
+        return json.loads(self._rest("GET", f"/streams?{query}", None, ok=(200, 202))[1])
+
+    def _rest(self, method: str, suffix: str, obj, ok) -> tuple[int, bytes]:
+        if self.procedure != "ts28532":
+            raise UsageError("the seed procedure has no REST resources: use ts28532")
+        with self._lock:
+            connection = self.connection
+        if connection is None:
+            raise StmError(f"{self.url}: not connected")
+        path = urlsplit(connection).path + suffix
+        sock = self._open(time.monotonic() + self.connect_timeout)
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            body = None if obj is None else json.dumps(obj).encode()
+            status, reason, _, data = self._http(sock, conn, method, path, body)
+        finally:
+            sock.close()
+        if status not in ok:
+            raise Refused(f"{self.url}: {method} {path}: {refusal(status, reason, data)}")
+        return status, data
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _finalize(self) -> None:
+        if self._finalized:
+            return
+        self._finalized = True
+        self.undelivered += len(self._queue) + len(self._unacked)
+        self._queue.clear()
+        self._unacked.clear()
+        self.connected = False
+        self._room.notify_all()
+
+    def _backoff(self, failures: int) -> float:
+        delay = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 30))
+        return delay * random.uniform(0.5, 1.0)
+
+    def _run(self) -> None:
+        link: _Link | None = None
+        failures = 0
+        failing = False
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    done = self._closing and not self._queue and not self._unacked
+                if done:
+                    break
+                if link is None:
+                    try:
+                        link = self._establish()
+                    except (OSError, Refused, ProtocolError) as exc:
+                        failures += 1
+                        why = str(exc) if isinstance(exc, StmError) else _reason(exc)
+                        self.last_error = why
+                        if isinstance(exc, Refused) and not self._first.is_set():
+                            self._first_refusal = why
+                            self._first.set()
+                            break
+                        self._first.set()
+                        if not failing:
+                            log.warning(
+                                "cannot connect to %s: %s; retrying with backoff up to %.1f s",
+                                self.url,
+                                why,
+                                self.backoff_max,
+                            )
+                            failing = True
+                        else:
+                            log.debug("connect to %s: %s", self.url, why)
+                        self._stop.wait(self._backoff(failures))
+                        continue
+                    with self._lock:
+                        self.connected = True
+                        self.connection = link.connection
+                        self._connects += 1
+                        self.reconnects = self._connects - 1
+                    self._first.set()
+                    level = logging.WARNING if failing or self._connects > 1 else logging.INFO
+                    again = " again" if self._connects > 1 else ""
+                    log.log(level, "connected to %s%s", self.url, again)
+                    failing = False
+                gone = self._pump(link)
+                if gone is not None:
+                    log.warning("lost connection to %s: %s; reconnecting", self.url, gone)
+                    with contextlib.suppress(OSError):
+                        link.sock.close()
+                    link = None
+                    with self._lock:
+                        self.connected = False
+                        # unacknowledged reports go first on the next connection
+                        self.resent += len(self._unacked)
+                        self._queue.extendleft(reversed(self._unacked))
+                        self._unacked.clear()
+                    if failures:
+                        self._stop.wait(self._backoff(failures))
+                    failures += 1
+                else:
+                    failures = 0
+        except Exception:
+            log.exception("websocket sender to %s stopped", self.url)
+        finally:
+            self._first.set()
+            if link is not None:
+                if self._stop.is_set():
+                    link.terminate(CLOSE_GOING_AWAY, "stm-send stopping", 0.0)
+                else:
+                    link.terminate(CLOSE_NORMAL, "stm-send done", 1.0)
+            with self._lock:
+                self._finished = True
+                self.connected = False
+                self._room.notify_all()
+                if self._stop.is_set() or self._closing or self._first_refusal:
+                    self._finalize()
+
+    def _pump(self, link: _Link) -> str | None:
+        """One round: write a batch if the window allows, ask for an acknowledgement (a
+        Ping) every PING_EVERY reports or once idle for PING_AFTER, then take in what the
+        consumer sent. Why the connection is over, or None."""
+        with self._lock:
+            room = WINDOW - len(self._unacked)
+            owed = link.written > link.pinged  # reports written that no Ping asked about
+            if room > 0 and not self._queue and not self._closing:
+                self._nonempty.wait(PING_AFTER if owed else (_IO_SLICE if self._unacked else 0.5))
+            batch: list[bytes] = []
+            size = 0
+            queue = self._queue
+            while queue and size < BATCH_BYTES and len(batch) < room:
+                m = queue.popleft()
+                batch.append(m)
+                size += len(m)
+            if batch:
+                self._unacked.extend(batch)
+                self._room.notify_all()
+            idle = not queue
+            half = len(self._unacked) >= WINDOW // 2
+            closing = self._closing
+        data = b""
+        try:
+            if batch:
+                link.written += len(batch)
+                data = link.frames(batch)
+            now = time.monotonic()
+            if link.written > link.pinged and (
+                link.written - link.pinged >= PING_EVERY
+                or half
+                or (idle and (closing or now - link.ping_time >= PING_AFTER))
+            ):
+                data += link.ping()
+                link.pinged, link.ping_time = link.written, now
+        except LocalProtocolError:
+            return link.closed_by or "connection closing"
+        if data:
+            try:
+                self._write(link.sock, data)
+            except OSError as exc:
+                return _reason(exc)
+            with self._lock:
+                self.bytes += size
+        wait = 0.0 if batch else (PING_AFTER if link.written > link.pinged else _IO_SLICE)
+        gone = link.events(wait)
+        self._acknowledge(link)
+        return gone
+
+    def _acknowledge(self, link: _Link) -> None:
+        with self._lock:
+            # the first reports unacknowledged are those written before link.acked
+            n = link.acked - (link.written - len(self._unacked))
+            for _ in range(max(0, n)):
+                self._unacked.popleft()
+                self.sent += 1
+            if n > 0:
+                self._room.notify_all()
+
+    def _write(self, sock: socket.socket, data: bytes) -> None:
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            if self._stop.is_set():
+                raise OSError(errno.ECANCELED, "stopped")
+            try:
+                pos += sock.send(view[pos:])
+            except TimeoutError:
+                continue
+
+    # -- establishing ---------------------------------------------------------------------
+
+    def _open(self, deadline: float) -> socket.socket:
+        host, port = self.endpoint.host, self.endpoint.port
+        timeout = max(0.1, deadline - time.monotonic())
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _recv(self, sock: socket.socket, deadline: float) -> bytes:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        return sock.recv(65536)
+
+    def _http(self, sock, conn, method: str, target: str, body: bytes | None):
+        """One request and its response on ``sock``: (status, reason, headers, body)."""
+        deadline = time.monotonic() + self.connect_timeout
+        headers = [("Host", _host_header(self.endpoint.host, self.endpoint.port))]
+        if body is not None:
+            headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        headers.append(("Accept", "application/json"))
+        out = conn.send(h11.Request(method=method, target=target, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        sock.sendall(out)
+        response = None
+        data = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                conn.receive_data(self._recv(sock, deadline))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                data += event.data
+                if len(data) > MAX_BODY:
+                    raise ProtocolError(f"a response body over {MAX_BODY} bytes")
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        if response is None:
+            raise ProtocolError("the consumer closed the connection without a response")
+        hdrs = {k.decode().lower(): v.decode("latin-1") for k, v in response.headers}
+        return response.status_code, response.reason.decode("latin-1"), hdrs, bytes(data)
+
+    def _establish(self) -> _Link:
+        """A connection the streams are established on (either procedure)."""
+        deadline = time.monotonic() + self.connect_timeout
+        sock = self._open(deadline)
+        try:
+            connection = None
+            target = self.base or "/"
+            if self.procedure == "ts28532":
+                conn = h11.Connection(h11.CLIENT)
+                with self._lock:
+                    streams = list(self.streams)
+                body = json.dumps(connection_request(self.producer, streams)).encode()
+                status, reason, headers, data = self._http(
+                    sock, conn, "POST", f"{self.base}/connections", body
+                )
+                if status != 201 or not headers.get("location"):
+                    why = refusal(status, reason, data)
+                    if 400 <= status < 500 and status not in (408, 429):
+                        raise Refused(f"POST {self.base}/connections: {why}")
+                    raise ProtocolError(f"POST {self.base}/connections: {why}")
+                connection = headers["location"]
+                target = urlsplit(connection).path
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()  # the Upgrade goes on the same connection
+                else:
+                    sock.close()
+                    sock = self._open(deadline)
+            ws = WSConnection(ConnectionType.CLIENT)
+            host = _host_header(self.endpoint.host, self.endpoint.port)
+            sock.sendall(ws.send(Request(host=host, target=target)))
+            self._upgraded(sock, ws, target, deadline)
+            link = _Link(sock, ws, connection)
+            if self.procedure == "seed":
+                self._ping_streams(link, deadline)
+            sock.settimeout(_IO_SLICE)
+            return link
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+
+    def _upgraded(self, sock, ws, target: str, deadline: float) -> None:
+        reject = None
+        body = bytearray()
+        while True:
+            data = self._recv(sock, deadline)
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, RejectConnection):
+                    reject = event
+                    if not event.has_body:
+                        break
+                elif isinstance(event, RejectData):
+                    body += event.data[:MAX_BODY]
+                    if event.body_finished:
+                        break
+            else:
+                if not data:
+                    raise ProtocolError("the consumer closed the connection during the Upgrade")
+                continue
+            break
+        status = reject.status_code if reject is not None else 0
+        why = f"Upgrade GET {target}: {refusal(status, '', bytes(body))}"
+        # a 404 under TS 28.532: the connection resource went (expired); start again
+        gone = self.procedure == "ts28532" and status in (404, 409)
+        if 400 <= status < 500 and status not in (408, 429) and not gone:
+            raise Refused(why)
+        raise ProtocolError(why)
+
+    def _ping_streams(self, link: _Link, deadline: float) -> None:
+        """The seed's establishStreamingConnection: the streamInfoList in a Ping, and the
+        Pong with the same data back."""
+        sock, ws = link.sock, link.ws
+        sock.sendall(ws.send(Ping(payload=self.ping_payload)))
+        while True:
+            if time.monotonic() >= deadline:
+                raise Refused(
+                    f"no Pong to the streamInfoList Ping within {self.connect_timeout:g} s"
+                )
+            try:
+                data = self._recv(sock, deadline)
+            except TimeoutError:
+                continue
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, Pong) and event.payload == self.ping_payload:
+                    return
+                if isinstance(event, Ping):
+                    sock.sendall(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    with contextlib.suppress(LocalProtocolError, OSError):
+                        sock.sendall(ws.send(event.response()))
+                    raise Refused(
+                        f"Close {event.code} instead of a Pong to the streamInfoList"
+                        + (f": {event.reason}" if event.reason else "")
+                    )
+            if not data:
+                raise ProtocolError("the consumer closed the connection before the Pong")
+
+
+# == the consumer ==============================================================================
+
+
+class _Closed:
+    """A marker in the receiver's queue: a producer's connection ended."""
+
+    __slots__ = ("code", "peer", "producer", "reason")
+
+    def __init__(self, peer, producer, code, reason) -> None:
+        self.peer = peer
+        self.producer = producer
+        self.code = code
+        self.reason = reason
+
+
+class _Ack:
+    """A marker in the receiver's queue: a Ping to answer once what came before it is in."""
+
+    __slots__ = ("payload", "peer")
+
+    def __init__(self, peer: _Peer, payload: bytes) -> None:
+        self.peer = peer
+        self.payload = payload
+
+
+class _Peer:
+    __slots__ = (
+        "addr",
+        "body",
+        "closing",
+        "events",
+        "fd",
+        "h11",
+        "handshaking",
+        "identity",
+        "last",
+        "linger",
+        "message",
+        "origin",
+        "out",
+        "request",
+        "requests",
+        "session",
+        "sock",
+        "source",
+        "started",
+        "text",
+        "ws",
+    )
+
+    def __init__(self, sock, addr, tls: bool, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.source = addr
+        self.handshaking = tls
+        self.identity: str | None = None
+        self.last = now
+        self.started = now  # of the current phase: TLS and HTTP, a request, the seed's Ping
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16 << 10)
+        self.ws: WSConnection | None = None
+        self.session: Session | None = None
+        self.message = bytearray()
+        self.text = False
+        self.out = bytearray()
+        self.events = selectors.EVENT_READ
+        self.closing = False  # close once ``out`` is written
+        self.linger = False  # ... and the producer echoed our Close
+        self.requests = 0
+        self.origin = ""
+        self.request = None
+        self.body = bytearray()
+
+
+class WsReceiver:
+    """A WebSocket consumer of STM reports, served by a thread of its own.
+
+    ``procedure``: ``ts28532`` (REST resources under ``path``), ``seed`` (an Upgrade on
+    ``path`` then the streamInfoList Ping) or ``any``. ``ssl_context`` makes it wss://.
+    Bounds: ``max_connections`` TCP connections (more are accepted and closed at once),
+    reports of at most 65,535 bytes (a larger message is closed with 1009), 64 KiB REST
+    bodies, ``handshake_timeout`` seconds for TLS, HTTP and the seed's Ping.
+
+    For stm-recv's loop: ``sock`` (readable when reports wait) and :meth:`drain`, which
+    returns ``[(report, source)]``; ``owners`` (a
+    :class:`~stm.report.ownership.StreamOwners`) admits reports of authenticated producers
+    there. ``on_close(marker)`` is called from :meth:`drain` when a producer's connection
+    ended, after every report it sent went out of :meth:`drain`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        path: str = "",
+        procedure: str = "ts28532",
+        ssl_context: ssl.SSLContext | None = None,
+        allow: AddressFilter | None = None,
+        max_connections: int = 1024,
+        handshake_timeout: float = 10.0,
+        owners=None,
+        on_close: Callable[[Any], None] | None = None,
+    ) -> None:
+        _need_wsproto()
+        if max_connections < 1 or handshake_timeout <= 0:
+            raise UsageError("max_connections and handshake_timeout must be positive")
+        family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lsock.bind(addr)
+            lsock.listen(128)
+        except OSError as exc:
+            lsock.close()
+            raise UsageError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from None
+        lsock.setblocking(False)
+        self.listener = lsock
+        self.address = lsock.getsockname()
+        self.scheme = "wss" if ssl_context is not None else "ws"
+        self.url = str(Endpoint(self.scheme, host, self.address[1], path))
+        self.ssl_context = ssl_context
+        self.allow = allow
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.owners = owners
+        self.on_close = on_close
+        owner_of = owners.owner if owners is not None else None
+        self.registry = Registry(
+            path, procedure=procedure, max_connections=max_connections, owner_of=owner_of
+        )
+        self.connections = 0
+        self.rejected_connections = 0
+        self.tls_failures = 0
+        self.denied = 0
+        self.reports = 0
+        self.bytes = 0
+        self.oversize = 0
+        self.closed = {"by_producer": 0, "by_us": 0, "dropped": 0}
+        self.streams_refused = 0
+        self.unannounced = 0
+        self._peers: dict[int, _Peer] = {}
+        self._log = LogBudget()
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._queue: deque = deque()
+        self._commands: deque = deque()
+        self.sock, self._wake_w = socket.socketpair()  # selector loop <- thread
+        self._cmd_r, self._cmd_w = socket.socketpair()  # thread <- drain()
+        for s in (self.sock, self._wake_w, self._cmd_r, self._cmd_w):
+            s.setblocking(False)
+        self._stop = False
+        self._closed = False
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.listener, selectors.EVENT_READ, None)
+        self._sel.register(self._cmd_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._serve, name=f"stm {self.url}", daemon=True)
+        self._thread.start()
+
+    # -- the selector loop's side ---------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self, limit: int = 512) -> list[tuple[bytes, Any]]:
+        """Reports waiting now, up to ``limit``, with their source; stops at a producer's
+        Close or an acknowledgement Ping, so that they are handled only once everything
+        before them was decoded (the next call does it)."""
+        with contextlib.suppress(OSError):
+            while self.sock.recv(4096):
+                pass
+        out: list[tuple[bytes, Any]] = []
+        markers = []
+        owners = self.owners
+        with self._lock:
+            queue = self._queue
+            while queue and len(out) < limit:
+                item = queue[0]
+                if type(item) is tuple:
+                    queue.popleft()
+                    report, source, identity = item
+                    if (
+                        owners is not None
+                        and identity is not None
+                        and not owners.admit(report, identity)
+                    ):
+                        self.streams_refused += 1
+                        sid, who, owner = owners.last_refused
+                        self._log.warning(
+                            "stream %d claimed by %s, owned by %s: refused", sid, who, owner
+                        )
+                        continue
+                    out.append((report, source))
+                elif out:
+                    break
+                else:
+                    markers.append(queue.popleft())
+            if queue:
+                self._wake()
+            self._room.notify_all()
+        acks = [m for m in markers if type(m) is _Ack]
+        if acks:
+            with self._lock:
+                self._commands.extend(acks)
+            with contextlib.suppress(OSError):
+                self._cmd_w.send(b"\0")
+        for m in markers:
+            if type(m) is _Closed and self.on_close is not None:
+                self.on_close(m)
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "url": self.url,
+            "connections": self.connections,
+            "active": len(self._peers),
+            "rejected_connections": self.rejected_connections,
+            "tls_failures": self.tls_failures,
+            "denied": self.denied,
+            "reports": self.reports,
+            "bytes": self.bytes,
+            "oversize": self.oversize,
+            "unannounced": self.unannounced,
+            "streams_refused": self.streams_refused,
+            "rest_refused": self.registry.refused,
+            "closed": dict(self.closed),
+        }
+
+    def close(self) -> None:
+        """Close every connection (1001, going away) and the listening socket."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop = True
+        with self._lock:
+            self._room.notify_all()
+        with contextlib.suppress(OSError):
+            self._cmd_w.send(b"\0")
+        self._thread.join(5.0)
+        for s in (self.sock, self._wake_w, self._cmd_r, self._cmd_w):
+            s.close()
+
+    def __enter__(self) -> WsReceiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _put(self, item) -> None:
+        with self._lock:
+            if not self._queue:
+                self._wake()
+            self._queue.append(item)
+
+    def _serve(self) -> None:
+        last_tick = time.monotonic()
+        try:
+            while not self._stop:
+                with self._lock:
+                    if len(self._queue) >= MAX_QUEUE:  # the loop is behind: stop reading
+                        self._room.wait(0.1)
+                        continue
+                for key, mask in self._sel.select(0.1):
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj is self._cmd_r:
+                        self._run_commands()
+                    else:
+                        peer = key.data
+                        if peer.fd in self._peers and peer.sock is key.fileobj:
+                            self._ready(peer, mask)
+                now = time.monotonic()
+                if now - last_tick >= 0.5:
+                    self._tick(now)
+                    last_tick = now
+        except Exception:
+            log.exception("websocket receiver %s stopped", self.url)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self.listener)
+        self.listener.close()
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._cmd_r)
+        for p in list(self._peers.values()):
+            if p.ws is not None and isinstance(p.session, Session):
+                self._close_ws(p, CLOSE_GOING_AWAY, "stm-recv stopping")
+            elif p.ws is None:
+                self._drop(p, None)
+        # The closing handshake, bounded: read until each producer echoes our Close (or
+        # goes), so no unread data turns our close into a reset that could overtake the Close.
+        # What is left unacknowledged is sent again by the producer to the next consumer.
+        deadline = time.monotonic() + 1.0
+        while self._peers and time.monotonic() < deadline:
+            for key, mask in self._sel.select(0.05):
+                peer = key.data
+                if isinstance(peer, _Peer) and self._peers.get(peer.fd) is peer:
+                    self._ready(peer, mask)
+        for p in list(self._peers.values()):
+            self._drop(p, None)
+        self._sel.close()
+
+    def _run_commands(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._cmd_r.recv(4096):
+                pass
+        with self._lock:
+            commands = list(self._commands)
+            self._commands.clear()
+        for ack in commands:
+            peer = ack.peer
+            if peer.fd in self._peers and self._peers[peer.fd] is peer and peer.ws is not None:
+                with contextlib.suppress(LocalProtocolError):
+                    self._send(peer, peer.ws.send(Pong(payload=ack.payload)))
+
+    def _tick(self, now: float) -> None:
+        self.registry.expire(now)
+        limit = now - self.handshake_timeout
+        for p in list(self._peers.values()):
+            # a phase (TLS handshake, HTTP request, the seed's Ping) must end in time
+            # from its start, however active the peer; a closing or idle one, from its last byte
+            if p.started > limit and p.last > limit:
+                continue
+            if p.handshaking:
+                self.tls_failures += 1
+                self._reject(p, "TLS handshake failed: timed out")
+            elif p.ws is None and p.requests and p.h11.their_state is h11.IDLE:
+                if p.last <= limit:
+                    self._drop(p, "idle")  # a kept-alive REST connection
+            elif p.ws is None:
+                self._reject(p, "no complete HTTP request in time")
+            elif isinstance(p.session, Session) and not p.session.established:
+                self._close_ws(p, CLOSE_POLICY, "no streamInfoList Ping in time")
+            elif p.closing and p.last <= limit:
+                self._drop(p, "closing handshake timed out")
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log.warning("cannot accept connections: %s", _reason(exc))
+                return
+            if self.allow is not None and not self.allow.allows(addr):
+                self.denied += 1
+                self._log.warning(
+                    "refusing connection from %s: address not allowed", _peer_name(addr)
+                )
+                sock.close()
+                continue
+            self.connections += 1
+            if len(self._peers) >= self.max_connections:
+                self.rejected_connections += 1
+                self._log.warning(
+                    "refusing connection from %s: %d connections open (max_connections)",
+                    _peer_name(addr),
+                    len(self._peers),
+                )
+                sock.close()
+                continue
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.ssl_context is not None:
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+            except (OSError, ValueError) as exc:
+                sock.close()
+                self.rejected_connections += 1
+                self._log.warning("closing connection from %s: %s", _peer_name(addr), exc)
+                continue
+            peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
+            self._peers[peer.fd] = peer
+            self._sel.register(sock, selectors.EVENT_READ, peer)
+
+    def _want(self, peer: _Peer) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
+        if events != peer.events:
+            peer.events = events
+            self._sel.modify(peer.sock, events, peer)
+
+    def _ready(self, peer: _Peer, mask: int) -> None:
+        peer.last = time.monotonic()
+        if peer.handshaking:
+            self._handshake(peer)
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+            if peer.fd not in self._peers:
+                return
+        if mask & selectors.EVENT_READ:
+            self._read(peer)
+
+    def _handshake(self, peer: _Peer) -> None:
+        sock = peer.sock
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            peer.events = selectors.EVENT_READ
+            self._sel.modify(sock, peer.events, peer)
+            return
+        except ssl.SSLWantWriteError:
+            peer.events = selectors.EVENT_WRITE
+            self._sel.modify(sock, peer.events, peer)
+            return
+        except OSError as exc:
+            self.tls_failures += 1
+            self._reject(peer, f"TLS handshake failed: {_reason(exc)}")
+            return
+        peer.handshaking = False
+        peer.identity = peer_identity(sock)
+        if peer.identity is not None:
+            peer.source = (peer.identity, *peer.addr[1:2])
+        self._want(peer)
+
+    def _send(self, peer: _Peer, data: bytes) -> None:
+        peer.out += data
+        if len(peer.out) > MAX_OUT:
+            self._drop(peer, "does not read what we send")
+            return
+        self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        try:
+            while peer.out:
+                n = peer.sock.send(peer.out)
+                del peer.out[:n]
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            pass
+        except OSError as exc:
+            self._drop(peer, _reason(exc))
+            return
+        if not peer.out and peer.closing and not peer.linger:
+            self._drop(peer, None)
+            return
+        self._want(peer)
+
+    def _read(self, peer: _Peer) -> None:
+        sock = peer.sock
+        try:
+            data = sock.recv(READ_SIZE)
+            if isinstance(sock, ssl.SSLSocket):
+                while data and sock.pending():
+                    data += sock.recv(sock.pending())
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError as exc:
+            self._drop(peer, _reason(exc))
+            return
+        if peer.closing and peer.ws is None:
+            if not data:
+                self._drop(peer, None)
+            return  # a response is on its way and then we close: ignore the rest
+        if peer.ws is None:
+            self._http(peer, data)
+        else:
+            self._frames(peer, data)
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _respond(self, peer: _Peer, response: Response, close: bool = False) -> None:
+        conn = peer.h11
+        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+        if close:
+            headers.append(("Connection", "close"))
+        try:
+            phrase = HTTPStatus(response.status).phrase.encode()
+            out = conn.send(
+                h11.Response(status_code=response.status, headers=headers, reason=phrase)
+            )
+            if response.body:
+                out += conn.send(h11.Data(data=response.body))
+            out += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            self._drop(peer, "HTTP state")
+            return
+        if close or conn.our_state is not h11.DONE:
+            peer.closing = True
+        self._send(peer, out)
+
+    def _http(self, peer: _Peer, data: bytes) -> None:
+        conn = peer.h11
+        conn.receive_data(data)
+        for _ in range(64):  # bounded: a few pipelined requests at most
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self.rejected_connections += 1
+                self._log.warning("bad HTTP request from %s: %s", _peer_name(peer.addr), exc)
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    self._respond(peer, Response.error(400, "bad HTTP request"), close=True)
+                else:
+                    self._drop(peer, "bad HTTP request")
+                return
+            if event is h11.NEED_DATA:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                self._drop(peer, None)
+                return
+            if isinstance(event, h11.Request):
+                peer.request = event
+                peer.body = bytearray()
+            elif isinstance(event, h11.Data):
+                peer.body += event.data
+                if len(peer.body) > MAX_BODY:
+                    self._respond(peer, Response.error(413, f"body over {MAX_BODY} bytes"), True)
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request, body = peer.request, bytes(peer.body)
+                if request is None or self._upgrade_wanted(request):
+                    continue  # h11 pauses next: the Upgrade is handled then
+                peer.request = None
+                peer.body = bytearray()
+                self._rest(peer, request, body)
+                if peer.fd not in self._peers or peer.closing:
+                    return
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    peer.requests += 1
+                    if peer.requests >= 100:
+                        peer.closing = True
+                        self._flush(peer)
+                        return
+                    conn.start_next_cycle()
+                    peer.started = time.monotonic()
+            elif event is h11.PAUSED:
+                if peer.request is not None and self._upgrade_wanted(peer.request):
+                    self._upgrade(peer, peer.request)
+                else:
+                    self._reject(peer, "HTTP connection paused")
+                return
+        self._reject(peer, "too many HTTP events at once")
+
+    @staticmethod
+    def _upgrade_wanted(request) -> bool:
+        for name, value in request.headers:
+            if name == b"upgrade" and value.lower() == b"websocket":
+                return True
+        return False
+
+    def _origin(self, peer: _Peer, request) -> str:
+        host = next((v.decode("latin-1") for k, v in request.headers if k == b"host"), "")
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{host}" if host else ""
+
+    def _rest(self, peer: _Peer, request, body: bytes) -> None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        response = self.registry.handle(
+            request.method.decode("ascii", "replace"),
+            request.target.decode("ascii", "replace"),
+            headers,
+            body,
+            identity=peer.identity,
+            origin=self._origin(peer, request),
+            now=time.monotonic(),
+        )
+        if response.status >= 400:
+            self._log.warning(
+                "%s %s from %s: %d %s",
+                request.method.decode("ascii", "replace"),
+                request.target.decode("ascii", "replace")[:200],
+                _peer_name(peer.addr),
+                response.status,
+                response.body[:200].decode("utf-8", "replace"),
+            )
+        elif request.method == b"POST":
+            log.info(
+                "%s from %s: %d %s",
+                request.target.decode("ascii", "replace")[:200],
+                _peer_name(peer.addr),
+                response.status,
+                dict(response.headers).get("Location", ""),
+            )
+        self._respond(peer, response)
+
+    def _upgrade(self, peer: _Peer, request) -> None:
+        target = request.target.decode("ascii", "replace")
+        conn, status, reason = self.registry.upgrade_target(target, peer.identity)
+        if status != 101:
+            self.registry.refused += 1
+            self._log.warning(
+                "Upgrade GET %s from %s: %d %s", target[:200], _peer_name(peer.addr), status, reason
+            )
+            self._respond(peer, Response.error(status, reason), close=True)
+            return
+        trailing, _ = peer.h11.trailing_data
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.headers), request.target)
+            accepted = False
+            for event in ws.events():
+                if isinstance(event, Request):
+                    out = ws.send(AcceptConnection())
+                    accepted = True
+        except RemoteProtocolError as exc:
+            self._respond(peer, Response.error(400, str(exc)), close=True)
+            return
+        if not accepted:
+            self._respond(peer, Response.error(400, "not a WebSocket request"), close=True)
+            return
+        peer.ws = ws
+        peer.origin = self._origin(peer, request)
+        peer.session = Session(self.registry, conn, identity=peer.identity, origin=peer.origin)
+        peer.started = time.monotonic()
+        if conn is not None:
+            log.info(
+                "producer %s connected from %s: connection %s, streams %s",
+                conn.producer,
+                _peer_name(peer.addr),
+                conn.id,
+                ", ".join(conn.streams),
+            )
+        self._send(peer, out)
+        if trailing and peer.fd in self._peers:
+            self._frames(peer, bytes(trailing))
+
+    # -- WebSocket ------------------------------------------------------------------------
+
+    def _frames(self, peer: _Peer, data: bytes) -> None:
+        ws, session = peer.ws, peer.session
+        assert ws is not None
+        ws.receive_data(data or None)
+        if not isinstance(session, Session):  # ended: wait for the Close echo or EOF
+            for event in ws.events():
+                if isinstance(event, CloseConnection):
+                    self._drop(peer, None)
+                    return
+            if not data:
+                self._drop(peer, None)
+            return
+        for event in ws.events():
+            if isinstance(event, BytesMessage):
+                if peer.text or len(peer.message) + len(event.data) > MAX_MESSAGE:
+                    if not peer.text:
+                        self.oversize += 1
+                        self._close_ws(
+                            peer, CLOSE_TOO_BIG, f"a report is {MAX_MESSAGE} bytes at most"
+                        )
+                    return
+                if not event.message_finished:
+                    peer.message += event.data
+                    continue
+                if peer.message:
+                    peer.message += event.data
+                    report = bytes(peer.message)
+                    peer.message.clear()
+                else:
+                    report = event.data
+                try:
+                    ok = session.report(report)
+                except ProtocolError as exc:
+                    self._close_ws(peer, CLOSE_POLICY, str(exc))
+                    return
+                if ok:
+                    self.reports += 1
+                    self.bytes += len(report)
+                    self._put((report, peer.source, peer.identity))
+                else:
+                    self.unannounced += 1
+                    self._log.warning(
+                        "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
+                    )
+            elif isinstance(event, TextMessage):
+                peer.text = True
+                self._close_ws(peer, CLOSE_UNSUPPORTED, "reports are binary frames")
+                return
+            elif isinstance(event, Ping):
+                if not is_stream_ping(event.payload):
+                    if session.established:
+                        self._put(_Ack(peer, bytes(event.payload)))  # after what came before
+                    else:
+                        self._send(peer, ws.send(event.response()))
+                    continue
+                action = session.ping(event.payload, time.monotonic())
+                if action[0] == "pong":
+                    conn = session.connection
+                    log.info(
+                        "producer %s connected from %s (seed procedure): streams %s",
+                        conn.producer if conn else None,
+                        _peer_name(peer.addr),
+                        ", ".join(conn.streams) if conn else "",
+                    )
+                    self._send(peer, ws.send(event.response()))
+                else:
+                    self._log.warning(
+                        "streamInfoList from %s refused: %s", _peer_name(peer.addr), action[2]
+                    )
+                    self._close_ws(peer, action[1], action[2])
+                    return
+            elif isinstance(event, CloseConnection):
+                self.closed["by_producer"] += 1
+                log.info(
+                    "producer %s closed its connection from %s: %s %s",
+                    session.producer,
+                    _peer_name(peer.addr),
+                    event.code,
+                    event.reason or "",
+                )
+                with contextlib.suppress(LocalProtocolError):
+                    peer.out += ws.send(event.response())
+                self._ended(peer, event.code, event.reason)
+                peer.closing = True
+                self._flush(peer)
+                return
+            if peer.fd not in self._peers:
+                return
+        if not data and peer.fd in self._peers:
+            self._drop(peer, "connection closed without a Close")
+
+    def _close_ws(self, peer: _Peer, code: int, reason: str) -> None:
+        """Our Close (the producer echoes it; we do not wait for that)."""
+        self.closed["by_us"] += 1
+        if peer.ws is not None:
+            with contextlib.suppress(LocalProtocolError):
+                peer.out += peer.ws.send(CloseConnection(code=code, reason=reason[:120]))
+        self._ended(peer, code, reason)
+        peer.closing = peer.linger = True
+        if peer.fd in self._peers:
+            self._flush(peer)
+
+    def _ended(self, peer: _Peer, code, reason) -> None:
+        session = peer.session
+        if session is None:
+            return
+        peer.session = None
+        producer = session.producer
+        session.closed()
+        if session.established:
+            self._put(_Closed(peer.source, producer, code, reason))
+        peer.session = _Done  # type: ignore[assignment]
+
+    def _reject(self, peer: _Peer, reason: str) -> None:
+        self.rejected_connections += 1
+        self._log.warning("closing connection from %s: %s", _peer_name(peer.addr), reason)
+        self._drop(peer, reason)
+
+    def _drop(self, peer: _Peer, reason: str | None) -> None:
+        if self._peers.get(peer.fd) is not peer:
+            return
+        del self._peers[peer.fd]
+        if isinstance(peer.session, Session):
+            self.closed["dropped"] += 1
+            log.info("connection from %s ended: %s", _peer_name(peer.addr), reason or "closed")
+            self._ended(peer, None, reason)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(peer.sock)
+        with contextlib.suppress(OSError):
+            peer.sock.close()
+
+
+class _DoneSession:
+    """What a peer's session becomes once its connection ended: it takes nothing more."""
+
+    established = True
+    producer = None
+
+    @staticmethod
+    def report(data: bytes) -> bool:
+        return False
+
+    @staticmethod
+    def ping(payload: bytes, now: float) -> tuple:
+        return ("pong", payload)
+
+
+_Done = _DoneSession()
+
+
+def sender_factory(
+    *, producer: str, stream: int, fmt: str, procedure: str, queue_limit: int, policy: str
+) -> Callable[[Endpoint, ssl.SSLContext | None, str | None], WsSender]:
+    """What stm-send's ``open_destinations`` calls for each ``ws://``/``wss://`` URL: a
+    :class:`WsSender` announcing the one stream of this producer and format."""
+
+    def make(endpoint: Endpoint, context: ssl.SSLContext | None, server_name: str | None):
+        return WsSender(
+            endpoint,
+            producer=producer,
+            streams=[StreamInfo.stm(stream, fmt)],
+            procedure=procedure,
+            ssl_context=context,
+            server_hostname=server_name,
+            queue_limit=queue_limit,
+            policy=policy,
+        )
+
+    return make
+
+
+def flush_on_close(collector) -> Callable[[Any], None]:
+    """stm-recv's ``on_close``: when a producer's connection ends, its reports are all
+    decoded (see :meth:`WsReceiver.drain`); write them out now."""
+
+    def on_close(marker: _Closed) -> None:
+        sink = getattr(collector, "sink", None)
+        if sink is not None:
+            sink.flush()
+
+    return on_close
