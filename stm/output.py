@@ -318,10 +318,13 @@ class PcapngOutput:
         if self.split_by is None:
             self._single = self._open_target(None)
 
-    def maybe_flush(self, monotonic_now: float) -> None:
+    def maybe_flush(self, monotonic_now: float) -> bool:
+        """Flush if ``flush_interval`` has passed since the last time; True if it did."""
         if monotonic_now - self._last_flush >= self.flush_interval:
             self.flush()
             self._last_flush = monotonic_now
+            return True
+        return False
 
     def flush(self) -> None:
         for t in self._all():

@@ -73,7 +73,7 @@ def test_several_inputs_and_other_traffic(tmp_path):
         (["--listen", "udp://127.0.0.1:0", "--input", "y.pcap", "-w", "x.pcapng"], "not both"),
         (["--input", "/nonexistent.pcap", "-w", "x.pcapng"], "cannot read /nonexistent.pcap"),
         (["--input", str(ROOT / "README.md"), "-w", "x.pcapng"], "is not a pcap or pcapng"),
-        (["--listen", "ws://127.0.0.1:0", "-w", "x.pcapng"], "scheme must be"),
+        (["--listen", "sctp://127.0.0.1:0", "-w", "x.pcapng"], "scheme must be"),
     ],
 )
 def test_input_argument_errors(tmp_path, args, message, monkeypatch):

@@ -42,6 +42,7 @@ from stm.report import (
 from stm.report.ownership import StreamOwners
 from stm.source import check_capture
 from stm.summary import summarize
+from stm.transport import kafka as kafka_transport
 from stm.transport.allow import AddressFilter
 from stm.transport.framing import AutoFramer
 from stm.transport.tcp import TcpListener
@@ -55,6 +56,8 @@ DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT, "auto": gre.GRE_UD
 
 def default_port(scheme: str, fmt: str) -> int:
     """4754 for format A (4755 over DTLS, as RFC 8086 says), 9060 for format B."""
+    if scheme in ("ws", "wss"):
+        return {"ws": 8080, "wss": 8443}[scheme]  # stm.streaming.DEFAULT_PORTS
     return gre.GRE_DTLS_PORT if scheme == "dtls" and fmt != "tlv" else DEFAULT_PORT[fmt]
 
 
@@ -168,7 +171,8 @@ class Collector:
                     if isinstance(r, TcpListener) and r.ssl_context is not None:
                         r.expire(now)
                 last_expire = now
-            self.sink.maybe_flush(now)
+            if self.sink.maybe_flush(now):
+                self.after_flush()
             if rotating:
                 self.sink.maybe_rotate(time.time())
                 if self.sink.finished:
@@ -182,6 +186,19 @@ class Collector:
             if end is not None and now >= end:
                 break
         sel.close()
+
+    def after_flush(self) -> None:
+        """The output is flushed: receivers that acknowledge upstream (Kafka commits the
+        offsets of what it handed over) may do so now."""
+        for r in self.receivers:
+            hook = getattr(r, "after_flush", None)
+            if hook is not None:
+                hook()
+
+    def flush_output(self) -> None:
+        """Flush now (a Kafka rebalance is about to take partitions away), then acknowledge."""
+        self.sink.flush()
+        self.after_flush()
 
     def _admit(self, report: bytes, identity: str | None) -> bool:
         """A stream ID belongs to the first authenticated peer that used it."""
@@ -336,6 +353,14 @@ class Collector:
     help="TCP connections served at once per listener.",
 )
 @click.option(
+    "--ws-procedure",
+    type=click.Choice(["ts28532", "seed", "any"]),
+    default="ts28532",
+    show_default=True,
+    help="How producers establish streams on ws:// and wss://: TS 28.532's REST resources, "
+    "the seed's streamInfoList Ping, or either (docs/streaming.md).",
+)
+@click.option(
     "-C",
     "--file-size",
     metavar="SIZE",
@@ -376,6 +401,34 @@ class Collector:
     metavar="SECONDS",
     help="Print them every SECONDS too (implies --stats).",
 )
+@click.option(
+    "--establish",
+    "establish_urls",
+    multiple=True,
+    metavar="PRODUCER_URL",
+    help="Ask the producer (stm-send --accept-sessions, http://HOST:PORT) for a streaming "
+    "session publishing its streams to the brokers and topic of --listen kafka://; "
+    "terminated on exit; repeatable (docs/kafka.md).",
+)
+@click.option(
+    "--session-token-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Bearer token (read from FILE) for --establish.",
+)
+@click.option(
+    "--kafka-option",
+    "kafka_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A librdkafka property for kafka:// (SASL, SSL...); repeatable.",
+)
+@click.option(
+    "--kafka-config",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="librdkafka properties from FILE (key=value lines): secrets off the command line.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options
 @click.version_option(__version__, "-V", "--version", prog_name="stm-recv")
@@ -399,6 +452,7 @@ def main(
     max_streams,
     auth_key_file,
     max_connections,
+    ws_procedure,
     file_size,
     rotate_seconds,
     file_count,
@@ -408,6 +462,7 @@ def main(
     as_json,
     verbose,
     quiet,
+    **kafka,  # --establish, --session-token-file, --kafka-option, --kafka-config
 ):
     """Receive 3GPP STM reports (TS 28.560) and rebuild the packets into pcapng.
 
@@ -422,8 +477,16 @@ def main(
         raise UsageError("give --listen URL (live) or --input FILE (offline), not both")
     for path in inputs:
         check_capture(path)
-    endpoints = [parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt)) for u in listens]
-    secure = [e for e in endpoints if e.scheme in ("tls", "dtls")]
+    endpoints = [
+        kafka_transport.parse_kafka_url(u, consumer=True)  # several brokers: not a host:port
+        if u.startswith("kafka:")
+        else parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt))
+        for u in listens
+    ]
+    establish_urls, token_file = kafka.pop("establish_urls"), kafka.pop("session_token_file")
+    bus = kafka_transport.KafkaSettings.from_cli(kafka)
+    bus_endpoint = kafka_transport.session_endpoint(endpoints, establish_urls, token_file)
+    secure = [e for e in endpoints if e.scheme in ("tls", "dtls", "wss")]
     tls_options = (cert, key, ca, key_password_file, key_password_env)
     if not secure and (any(x is not None for x in tls_options) or require_client_cert):
         raise UsageError("--cert, --key, --ca and --require-client-cert are for tls:// and dtls://")
@@ -456,7 +519,9 @@ def main(
     collector = Collector([], decoder, None, count=count, duration=duration)
     receivers = []
     try:
-        receivers += open_receivers(endpoints, tls, allow, collector, max_connections)
+        receivers += open_receivers(
+            endpoints, tls, allow, collector, max_connections, bus, ws_procedure=ws_procedure
+        )
         out = PcapngOutput(
             output,
             now=time.time(),
@@ -485,18 +550,25 @@ def main(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    sessions = []  # --establish
     try:
         try:
             out.flush()  # the section header: a valid, empty pcapng from the start
             for r, e in zip(receivers, endpoints, strict=True):
+                if e.scheme == "kafka":
+                    log.warning("listening on %s", r.url)  # joining the group takes a moment
+                    continue
                 host, port = r.address[:2]
                 host = f"[{host}]" if ":" in host else host
                 log.warning("listening on %s://%s:%d", e.scheme, host, port)
             if inputs:
                 collector.replay(inputs, wire_stats, ptype)
             else:
+                sessions += kafka_transport.establish_all(establish_urls, bus_endpoint, token_file)
                 collector.run()
+                collector.flush_output()  # Kafka commits what the output holds
         finally:
+            kafka_transport.terminate_all(sessions, token_file)
             out.close()  # after a failed write, closes what it can without a second error
             for r in receivers:
                 r.close()
@@ -509,10 +581,15 @@ def main(
     extra = {"input": wire_stats.as_dict()} if inputs else {}
     if allow is not None:
         extra["denied"] = allow.denied
+    if ws := [r.stats() for r in receivers if getattr(r, "scheme", "") in ("ws", "wss")]:
+        extra["websocket"] = ws
     if secure:
         extra["tls_failures"] = sum(getattr(r, "tls_failures", 0) for r in receivers)
         extra["dtls"] = [r.stats() for r in receivers if hasattr(r, "identity")]
         extra["streams_refused"] = collector.owners.rejected
+    if bus_endpoint is not None:
+        extra["kafka"] = [r.stats() for r in receivers if hasattr(r, "after_flush")]
+        extra["sessions"] = [s.session_id for s in sessions]
     _summary(
         decoder,
         out,
@@ -525,7 +602,15 @@ def main(
     )
 
 
-def open_receivers(endpoints, tls: TlsConfig, allow, collector: Collector, max_connections):
+def open_receivers(
+    endpoints,
+    tls: TlsConfig,
+    allow,
+    collector: Collector,
+    max_connections,
+    kafka=None,
+    ws_procedure="ts28532",
+):
     """A socket for each --listen URL."""
     receivers = []
     try:
@@ -550,6 +635,20 @@ def open_receivers(endpoints, tls: TlsConfig, allow, collector: Collector, max_c
                 )
                 listener.on_message = collector.on_message_from(listener)
                 receivers.append(listener)
+            elif e.scheme == "kafka":
+                settings = kafka or kafka_transport.KafkaSettings()
+                receivers.append(
+                    kafka_transport.KafkaReceiver(e, settings, flush=collector.flush_output)
+                )
+            elif e.scheme in ("ws", "wss"):
+                from stm.transport.websocket import WsReceiver, flush_on_close
+
+                receivers.append(
+                    WsReceiver(e.host, e.port, path=e.path, procedure=ws_procedure,
+                               ssl_context=server_context(tls) if e.scheme == "wss" else None,
+                               allow=allow, max_connections=max_connections,
+                               owners=collector.owners, on_close=flush_on_close(collector))
+                )  # fmt: skip
             else:
                 raise UsageError(f"{e}: stm-recv cannot listen on {e.scheme}:// yet")
     except BaseException:

@@ -27,10 +27,19 @@ from stm.pipeline import Pacer, SendPipeline, Stop
 from stm.report import Encoder, TlvEncoder, stream_id_for
 from stm.source import CaptureInput
 from stm.transport.framing import Framed
+from stm.transport.kafka import (
+    REPORT_MTU,
+    KafkaSender,
+    KafkaSettings,
+    SessionServer,
+    parse_kafka_url,
+    record_headers,
+)
 from stm.transport.tcp import TcpSender
 from stm.transport.tls import TlsConfig, client_context
 from stm.transport.udp import UdpSender
 from stm.transport.url import parse_url
+from stm.transport.websocket import sender_factory as ws_sender_factory
 from stm.wire import WireWriter
 
 EPILOG = """\b
@@ -57,13 +66,22 @@ DEFAULT_PORT = {"gre": gre.GRE_UDP_PORT, "tlv": tlv.HEP_PORT}
 
 def default_port(scheme: str, fmt: str) -> int:
     """4754 for format A (4755 over DTLS, as RFC 8086 says), 9060 for format B."""
+    if scheme in ("ws", "wss"):
+        return {"ws": 8080, "wss": 8443}[scheme]  # stm.streaming.DEFAULT_PORTS
     return gre.GRE_DTLS_PORT if scheme == "dtls" and fmt == "gre" else DEFAULT_PORT[fmt]
 
 
-def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, tls):
+def open_destinations(
+    urls, fmt, source_port, queue, queue_policy, output, mtu, tls, kafka=None, ws=None
+):
     """Sockets for each --to; with --output, the one capture file that stands for them."""
-    endpoints = [parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt)) for u in urls]
-    secure = [e for e in endpoints if e.scheme in ("tls", "dtls")]
+    endpoints = [
+        parse_kafka_url(u)  # several brokers: not a host:port
+        if u.startswith("kafka:")
+        else parse_url(u, default_port=default_port(u.split(":", 1)[0], fmt))
+        for u in urls
+    ]
+    secure = [e for e in endpoints if e.scheme in ("tls", "dtls", "wss")]
     if tls is not None and not secure:
         raise UsageError("--cert, --key, --ca and --server-name are for tls:// and dtls://")
     if output is not None:
@@ -103,6 +121,12 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, 
                               ssl_context=context,
                               server_hostname=config.server_hostname or e.host)  # fmt: skip
                 senders.append(Framed(t) if fmt == "gre" else t)
+            elif e.scheme == "kafka":
+                senders.append(kafka(e))  # a KafkaSender with the --kafka-* settings
+            elif e.scheme in ("ws", "wss"):
+                context = client_context(config) if e.scheme == "wss" else None
+                senders.append(ws(e, context, config.server_hostname))  # a WsSender
+                senders[-1].connect()  # a consumer refusing the stream fails now, in one line
             else:
                 raise UsageError(f"{e}: stm-send cannot send to {e.scheme}:// yet")
     except BaseException:
@@ -139,7 +163,8 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, 
     "destinations",
     multiple=True,
     metavar="URL",
-    help="udp://HOST:PORT or tcp://HOST:PORT (tlv only); repeat to send a copy to each.",
+    help="Where to: udp://, tcp://, tls:// or dtls://HOST:PORT (and the other transports "
+    "below); repeat to send a copy to each.",
 )
 @tls_options(receiver=False)
 @click.option(
@@ -252,6 +277,79 @@ def open_destinations(urls, fmt, source_port, queue, queue_policy, output, mtu, 
     help="How long to wait at the end for TCP queues to empty.",
 )
 @click.option(
+    "--ws-procedure",
+    type=click.Choice(["ts28532", "seed"]),
+    default="ts28532",
+    show_default=True,
+    help="How ws:// and wss:// establish the stream: TS 28.532's POST /connections then the "
+    "Upgrade, or the seed's Upgrade then a Ping with the streamInfoList (docs/streaming.md).",
+)
+@click.option(
+    "--accept-sessions",
+    metavar="ADDR",
+    help="Serve the streaming session procedure over HTTP on HOST:PORT: a consumer (stm-recv "
+    "--establish) has the stream published to its Kafka brokers; input is read once the first "
+    "session is established (docs/kafka.md).",
+)
+@click.option(
+    "--session-token-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Require this bearer token (read from FILE) in session requests.",
+)
+@click.option(
+    "--kafka-acks",
+    type=click.Choice(["all", "1", "0"]),
+    default="all",
+    show_default=True,
+    help="Acknowledgements kafka:// waits for (all: every in-sync replica, idempotent).",
+)
+@click.option(
+    "--kafka-compression",
+    type=click.Choice(["none", "gzip", "snappy", "lz4", "zstd"]),
+    default="lz4",
+    show_default=True,
+    help="Compression of kafka:// record batches.",
+)
+@click.option(
+    "--kafka-linger",
+    type=click.FloatRange(min=0),
+    default=0.005,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest a kafka:// record waits to fill a batch.",
+)
+@click.option(
+    "--kafka-batch-size",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    metavar="BYTES",
+    help="Largest kafka:// record batch.",
+)
+@click.option(
+    "--kafka-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the bus may take to accept a report (retried until then); then the report "
+    "is counted undelivered.",
+)
+@click.option(
+    "--kafka-option",
+    "kafka_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A librdkafka property for kafka:// (SASL, SSL...); repeatable.",
+)
+@click.option(
+    "--kafka-config",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="librdkafka properties from FILE (key=value lines): secrets off the command line.",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Show a progress line (default: when stderr is a terminal and input is files).",
@@ -292,11 +390,13 @@ def main(
     queue,
     queue_policy,
     drain_timeout,
+    ws_procedure,
     progress,
     stats,
     as_json,
     verbose,
     quiet,
+    **kafka,  # --accept-sessions, --session-token-file and the --kafka-* options
 ):
     """Send captured packets as 3GPP STM reports (TS 28.560).
 
@@ -341,9 +441,38 @@ def main(
                                    key_password_env)):  # fmt: skip
         tls = TlsConfig(cert=cert, key=key, ca=ca, server_hostname=server_name,
                         password_file=key_password_file, password_env=key_password_env)  # fmt: skip
-    targets = open_destinations(
-        destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy, output, mtu, tls
+    accept, token_file = kafka.pop("accept_sessions"), kafka.pop("session_token_file")
+    bus = KafkaSettings.from_cli(
+        kafka, queue_limit=queue, policy=queue_policy, drain_timeout=drain_timeout
     )
+    if accept is not None and output is not None:
+        raise UsageError("--accept-sessions publishes to brokers: not with --output")
+    if token_file is not None and accept is None:
+        raise UsageError("--session-token-file is for --accept-sessions")
+    targets = []
+    if destinations or accept is None:
+        targets = open_destinations(
+            destinations, fmt, gre.entropy_source_port(stream), queue, queue_policy, output, mtu,
+            tls, kafka=lambda e: KafkaSender(e, bus, key=str(stream).encode(),
+                                             headers=record_headers(producer, fmt)),
+            ws=ws_sender_factory(producer=producer, stream=stream, fmt=fmt,
+                                 procedure=ws_procedure, queue_limit=queue, policy=queue_policy),
+        )  # fmt: skip
+    hub = None
+    if accept is not None:
+        try:
+            token = read_secret(token_file, "--session-token-file") if token_file else None
+            hub = SessionServer(accept, bus, fmt=fmt, producer=producer, stream=stream, token=token)
+        except BaseException:
+            _close(targets, 0)
+            raise
+        targets.append(hub)
+        log.warning("accepting streaming sessions on %s", hub.url)
+    if all(getattr(t, "message_bus", False) for t in targets) and (
+        click.get_current_context().get_parameter_source("mtu")
+        is click.core.ParameterSource.DEFAULT
+    ):
+        mtu = REPORT_MTU  # records, not datagrams: the largest a UDP datagram could carry
     ip_header = max(t.ip_header for t in targets)
     # A DTLS record's header and tag come out of the report's room.
     mtu = min([mtu, *(t.report_mtu for t in targets if hasattr(t, "report_mtu"))])
@@ -406,6 +535,8 @@ def main(
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    if hub is not None:
+        hub.wait(stop)  # the input is read once a consumer has asked for the stream
     started = time.monotonic()
     try:
         if live is not None:

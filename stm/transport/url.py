@@ -8,7 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from stm.errors import UsageError
 
-SCHEMES = ("udp", "tcp", "tls", "dtls")
+# kafka:// holds several brokers: stm.transport.kafka.parse_kafka_url parses it
+SCHEMES = ("udp", "tcp", "tls", "dtls", "kafka", "ws", "wss")
 
 
 @dataclass(frozen=True, slots=True)
