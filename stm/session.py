@@ -7,7 +7,7 @@ The MnS consumer (``stm-recv --establish``) asks the MnS producer (``stm-send
 endpoints, the topic and the streamInfoList it wants; the producer validates the request,
 answers with a session ID (or a refusal that says why) and publishes the streams to those
 brokers until the session is terminated. HTTP carries it (``stm.transport.kafka``); the
-exact requests and responses are in docs/kafka.md.
+exact requests and responses are in docs/streaming.md.
 
 Nothing here touches a socket or a clock: bodies in, bodies (or ``SessionRefused``) out.
 """

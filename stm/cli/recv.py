@@ -408,7 +408,7 @@ class Collector:
     metavar="PRODUCER_URL",
     help="Ask the producer (stm-send --accept-sessions, http://HOST:PORT) for a streaming "
     "session publishing its streams to the brokers and topic of --listen kafka://; "
-    "terminated on exit; repeatable (docs/kafka.md).",
+    "terminated on exit; repeatable (docs/streaming.md).",
 )
 @click.option(
     "--session-token-file",

@@ -289,7 +289,7 @@ def open_destinations(
     metavar="ADDR",
     help="Serve the streaming session procedure over HTTP on HOST:PORT: a consumer (stm-recv "
     "--establish) has the stream published to its Kafka brokers; input is read once the first "
-    "session is established (docs/kafka.md).",
+    "session is established (docs/streaming.md).",
 )
 @click.option(
     "--session-token-file",

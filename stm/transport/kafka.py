@@ -14,7 +14,7 @@
   of seed 001 over HTTP, with the bodies of ``stm.session``.
 
 confluent-kafka is an optional dependency (``pip install 'stm[kafka]'``): it is imported
-when a kafka:// URL is used, never before. See docs/kafka.md.
+when a kafka:// URL is used, never before. See docs/streaming.md.
 """
 
 from __future__ import annotations
