@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "pcapng": ("bench.pcapng", "pcapng read/write vs editcap and python-pcapng, read memory"),
     "report": ("bench.report", "format A/B encode and decode in memory, packets/s vs editcap"),
     "loopback": ("bench.loopback", "stm-send -> stm-recv over loopback UDP/TCP, loss, memory"),
+    "transports": ("bench.transports", "tcp:// vs ws:// vs kafka:// end to end, packets/s, RSS"),
 }
 
 

@@ -380,12 +380,25 @@ def run_one(
     sender_cmd: Callable[[int], list[str]],
     sent: int,
     timeout: float,
+    *,
+    listen: str | None = None,
+    ready: str | None = None,
+    scratch_name: str = "scratch-loopback",
 ) -> Run:
-    """Start ``stm-recv``, then the sender against its port; always stop both."""
+    """Start ``stm-recv``, then the sender against its port; always stop both.
+
+    ``listen`` is stm-recv's ``--listen`` URL (default ``scheme://HOST:0``); the port given
+    to ``sender_cmd`` is the one of its ``listening on scheme://HOST:PORT`` line (for
+    ``kafka://``, the broker's). ``ready``, if given, is a pattern that stm-recv must also
+    print on stderr before the sender starts (a consumer group's assignment, say).
+    ``scratch_name`` names the scratch files in bench/data/ (per benchmark, so that two
+    benchmarks running at once do not share them).
+    """
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    scratch = DATA_DIR / "scratch-loopback"
+    scratch = DATA_DIR / scratch_name
     out = scratch.with_suffix(".pcapng")
-    cmd = _py("stm.cli.recv", "--listen", f"{scheme}://{HOST}:0", "-w", str(out), "--json")
+    url = listen if listen is not None else f"{scheme}://{HOST}:0"
+    cmd = _py("stm.cli.recv", "--listen", url, "-w", str(out), "--json")
     recv = Child("stm-recv", [*cmd, "--count", str(sent), *recv_args], scratch)
     send: Child | None = None
     sampler: Sampler | None = None
@@ -394,6 +407,8 @@ def run_one(
     try:
         m = recv.wait_for(rf"listening on {scheme}://[^:]+:(\d+)", START_TIMEOUT)
         port = int(m.group(1))
+        if ready is not None:
+            recv.wait_for(ready, START_TIMEOUT)
         sampler = Sampler(recv)
         send = Child(sender_name, sender_cmd(port), scratch)
         send_sampler = Sampler(send)
