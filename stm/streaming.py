@@ -33,7 +33,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from stm.errors import ProtocolError, UsageError
-from stm.report.ownership import stream_ids
+from stm.report.ownership import claims_only
 
 __all__ = [
     "DEFAULT_PORTS",
@@ -729,8 +729,7 @@ class Session:
         if conn.version != self._version or self._ids is None:
             self._ids = conn.report_ids()
             self._version = conn.version
-        ids = stream_ids(data)
-        if ids and not ids <= self._ids:
+        if not claims_only(data, self._ids):
             self.unannounced += 1
             return False
         self.reports += 1
