@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint format bench samples clean
 
-$(STAMP): pyproject.toml
+# setup.py and rust/ build the optional accelerator (stm._accel): rebuild it when they change.
+$(STAMP): pyproject.toml setup.py rust/Cargo.toml rust/Cargo.lock $(wildcard rust/src/*.rs)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 
+from stm import accel
 from stm.errors import MalformedPcapng
 from stm.pcapng import constants as c
 from stm.pcapng.options import EPB_KINDS, decode_options
@@ -32,6 +33,8 @@ class SectionDecoder:
         self.max_block_size = max_block_size
         self._prefixes: dict[bytes, tuple[Section, list[Interface]]] = {}
         self._recent: list[bytes] = []
+        # The compiled twin of the recent list (stm.accel), kept equal to it by _remember.
+        self.accel = None if accel.ext is None else accel.ext.Prefixes()
 
     def decode(self, data: bytes | memoryview, start: int = 0) -> Decoded:
         """Parse ``data[start:]``; MalformedPcapng for anything but one valid section."""
@@ -168,3 +171,14 @@ class SectionDecoder:
         self._prefixes[prefix] = (section, ifaces)
         self._recent.insert(0, prefix)
         del self._recent[_RECENT:]
+        if self.accel is not None:
+            meta = []
+            for p in self._recent:
+                sec, ifs = self._prefixes[p]
+                meta.append(len(ifs) << 1 | (sec.byte_order == ">"))
+            self.accel.set(self._recent, meta)
+
+    def recent(self, index: int) -> tuple[Section, list[Interface]]:
+        """The section and interfaces of the ``index``-th most recent prefix (what the
+        accelerator's ``gre_run`` found)."""
+        return self._prefixes[self._recent[index]]

@@ -17,12 +17,12 @@ import operator
 import os
 import struct
 
-from stm import frames
+from stm import accel, frames
 from stm.errors import MalformedPcapng, UsageError
 from stm.pcapng import constants as c
 from stm.pcapng import encode as enc
 from stm.pcapng.options import EPB_KINDS, IDB_KINDS, decode_options, encode_options
-from stm.pcapng.records import Interface, Packet
+from stm.pcapng.records import Interface, Packet, RawPackets
 from stm.report.common import (
     IPV4_HEADER,
     MAX_UDP_PAYLOAD,
@@ -34,8 +34,8 @@ from stm.report.common import (
     stream_id_for,
     without_stm_options,
 )
-from stm.report.events import Packets
-from stm.report.gre_pcapng import Decoder
+from stm.report.events import PacketBlocks, Packets
+from stm.report.gre_pcapng import Decoder, Encoder
 from stm.report.streams import StreamDecoder
 from stm.tlv import PROTOCOL_ID, STM_VENDOR, HepChunk, StmChunk
 
@@ -48,6 +48,10 @@ _U32 = struct.Struct("!I")
 _TS = struct.Struct("!BQq")
 _FRAG = struct.Struct("!III")
 _AF = {4: 2, 6: 10}  # HEP's IP family chunk holds AF_INET / AF_INET6 (Linux numbers)
+_BLOCK_HEAD = {bo: struct.Struct(bo + "II") for bo in "<>"}  # block type, length
+_EPB_MODE = {None: 0, "<": 1, ">": 2}
+_new = tuple.__new__
+# stm.accel's hep_fast: a frame, or an EPB in that order
 
 
 def _chunk(vendor: int, ctype: int, value: bytes | memoryview) -> bytes:
@@ -171,15 +175,21 @@ class TlvEncoder:
         )
         if self.budget < 6 + len(self._stream) + 256:
             raise UsageError(f"MTU {mtu} leaves no room for a report")
-        self._known: dict[int, tuple[Interface, bytes]] = {}
+        self._known: dict[int, tuple[Interface, bytes, object]] = {}
+        self._last_entry: tuple = (None, b"", None)  # the interface of the last packet
         self._by_content: dict[Interface, int] = {}
         self._next_packet_id = 0
+        self._ext = accel.ext
 
     def _interface(self, iface: Interface) -> bytes:
         """The chunks that depend on the interface only, encoded once per interface."""
+        return self._entry(iface)[1]
+
+    def _entry(self, iface: Interface) -> tuple[Interface, bytes, object]:
+        """(interface, its static chunks, its ``stm.accel`` description or None)."""
         entry = self._known.get(id(iface))
         if entry is not None and entry[0] is iface:
-            return entry[1]
+            return entry
         index = self._by_content.setdefault(iface, len(self._by_content))
         options = (*without_stm_options(iface.options), stm_option("if", str(index)))
         value = _U32.pack(iface.snaplen) + encode_options(options, ">", IDB_KINDS)
@@ -188,10 +198,21 @@ class TlvEncoder:
             + _s(StmChunk.LINKTYPE, _U16.pack(iface.linktype))
             + _s(StmChunk.INTERFACE, value)
         )
+        fast = None
+        if (
+            self._ext is not None
+            and 0 <= iface.tsresol <= 0xFF
+            and 0 < iface.units < 1 << 64
+            and -(1 << 63) <= iface.tsoffset < 1 << 63
+            and 0 <= iface.linktype <= 0xFFFFFFFF
+        ):  # timestamps the compiled encoder computes exactly as _encode does
+            fast = self._ext.HepInterface(
+                static, iface.linktype, iface.tsresol, iface.tsoffset, iface.units
+            )
         if len(self._known) > 4096:
             self._known.clear()
-        self._known[id(iface)] = (iface, static)
-        return static
+        entry = self._known[id(iface)] = (iface, static, fast)
+        return entry
 
     def _seq(self) -> bytes:
         """The SEQUENCE chunk of the next message; ``_count`` moves the number on."""
@@ -200,6 +221,25 @@ class TlvEncoder:
     def add(self, packet: Packet, now: float = 0.0) -> list[bytes]:
         """Take one packet; return its message(s)."""
         self.stats.packets += 1
+        ext = self._ext
+        if (
+            ext is not None
+            and packet.flags is None
+            and not packet.comments
+            and not packet.options
+            and packet.ts is not None
+        ):
+            # The common case in one compiled call: an IP packet that fits one message.
+            iface = packet.interface
+            entry = self._last_entry
+            if entry[0] is not iface:
+                entry = self._last_entry = self._entry(iface)
+            if entry[2] is not None:
+                message = ext.hep_encode_packet(
+                    entry[2], self.sequence, packet.ts, packet.origlen, packet.data, self.budget
+                )
+                if message is not None:
+                    return [self._count(message)]
         static = self._interface(packet.interface)
         message = self._message(packet, static, packet.data, packet.comments, packet.options)
         if message is not None and len(message) <= self.budget:
@@ -224,6 +264,59 @@ class TlvEncoder:
                     self.stats.truncated += 1
                     return [self._count(message)]
         return self._fragments(packet, static)
+
+    def add_raw(
+        self, run: RawPackets, interfaces: list[Interface], now: float = 0.0
+    ) -> list[bytes]:
+        """Take a run of packet blocks (``Reader(raw_packets=True)``); return its messages.
+
+        ``interfaces`` is the interface list of the run's section as read so far (indexed by
+        interface ID). The messages and statistics are those of ``add`` for each packet of
+        the run in turn: with the accelerator, EPBs without options become messages in one
+        compiled call per stretch; every other block (SPB, obsolete PB, EPB with options, a
+        packet too big for one message, a frame that is not IP) is read as a ``Packet`` for
+        ``add``. A malformed block raises ``MalformedPcapng``, as the reader's per-packet mode
+        would; the messages made before it are then on the exception, as ``datagrams``.
+        """
+        data = run.data
+        bo = run.section.byte_order
+        n = len(data)
+        off = 0
+        out: list[bytes] = []
+        ext = self._ext
+        stats = self.stats
+        head = _BLOCK_HEAD[bo].unpack_from
+        try:
+            while off < n:  # each turn takes a compiled stretch, then one block (>= 12 bytes)
+                if ext is not None:
+                    # Only interfaces add has met already: it numbers them as it meets them.
+                    fast = [self._met(i) for i in interfaces]
+                    messages, off, size = ext.hep_encode_run(
+                        fast, data, off, bo == ">", self.sequence, self.budget
+                    )
+                    if messages:
+                        k = len(messages)
+                        stats.packets += k
+                        stats.datagrams += k
+                        stats.bytes += size
+                        self.sequence = (self.sequence + k) & 0xFFFFFFFF
+                        out += messages
+                if off >= n:
+                    break
+                if n - off < 12 or head(data, off)[1] < 12:
+                    raise MalformedPcapng("truncated packet block in a run")
+                blen = head(data, off)[1]
+                out += self.add(Encoder._raw_packet(data, off, bo, interfaces), now)
+                off += blen
+        except MalformedPcapng as exc:
+            exc.datagrams = out  # type: ignore[attr-defined]
+            raise
+        return out
+
+    def _met(self, iface: Interface) -> object:
+        """The ``stm.accel`` description of an interface already met, else None."""
+        entry = self._known.get(id(iface))
+        return entry[2] if entry is not None and entry[0] is iface else None
 
     def _count(self, message: bytes) -> bytes:
         self.sequence = (self.sequence + 1) & 0xFFFFFFFF
@@ -367,21 +460,259 @@ class TlvDecoder(StreamDecoder):
 
     ``auth_key``: when set, a message without that HEP auth key chunk is rejected (compared
     in constant time).
+
+    ``raw_byte_order`` ('<' or '>'), for a relay writing pcapng in that byte order: a
+    message of ours with neither comments nor other packet options becomes a
+    ``PacketBlocks`` event holding the packet's EPB (on interface 0 of its ``interfaces``,
+    byte for byte what ``Writer.write_packet`` writes for it) instead of ``Packets``.
     """
 
-    def __init__(self, *, auth_key: bytes | None = None, **limits) -> None:
+    def __init__(
+        self, *, auth_key: bytes | None = None, raw_byte_order: str | None = None, **limits
+    ) -> None:
         super().__init__(**limits)
         self.auth_key = auth_key
         self.rejected_auth = 0
+        self.raw_byte_order = raw_byte_order
         self._interfaces: dict[tuple, Interface] = {}
-        self._statics: dict[bytes, tuple[str, int, bytes | None, Interface]] = {}
+        # static prefix -> (producer, stream ID, session, interface, [interface])
+        self._statics: dict[bytes, tuple[str, int, bytes | None, Interface, list]] = {}
         self._recent: list[bytes] = []  # most recently used static prefixes first
+        self._recent_version = 0  # changes whenever _recent does
+        self._last_fast: tuple = (None, None, None, -1)  # see _fast_stream
         self._tcp_seq: dict[tuple, int] = {}  # foreign HEP over TCP: next sequence per flow
+        # The compiled twin of _recent (stm.accel), kept equal to it by _remember.
+        self._accel = None if accel.ext is None else accel.ext.Prefixes()
+        self._configure()
+
+    def _configure(self) -> None:
+        """Settle what depends on ``raw_byte_order`` (set again by subclasses' __init__)."""
+        if self.raw_byte_order not in _EPB_MODE:
+            raise UsageError(
+                f"raw_byte_order must be '<', '>' or None, not {self.raw_byte_order!r}"
+            )
+        self._epb_mode = _EPB_MODE[self.raw_byte_order]
 
     def receive_message(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         """Decode one message (a UDP datagram, or one message framed from a TCP stream)."""
         if type(data) is not bytes:
             data = bytes(data)
+        prefixes = self._accel
+        if prefixes is not None:
+            hit = prefixes.hep_fast(data, self._epb_mode)
+            if hit is not None:  # what _fast finds for this message, found in one call
+                self._hit(hit, len(data))
+                return
+        self._receive(data, source, now)
+
+    def receive_messages(
+        self, messages, source: object = None, now: float = 0.0, *, coalesce: bool = False
+    ) -> None:
+        """Decode a batch of messages (datagrams, or messages framed from one TCP stream):
+        the same events as ``receive_message`` for each in turn, with the accelerator's
+        parsing done for the whole batch in one call.
+
+        ``coalesce``: consecutive ``PacketBlocks`` of one stream and interface list (with
+        nothing between them) become one event holding all their EPBs (``count`` of them,
+        the ``sequence`` of the last), so a relay writes a batch in one call. The bytes
+        written are the same; only a sink that starts new files by size (``size_limit``)
+        then cuts between batches rather than between messages.
+        """
+        start = len(self._events)
+        if coalesce and self._epb_mode and self._accel is not None and type(messages) is list:
+            self._receive_runs(messages, source, now)
+        else:
+            self._receive_messages(messages, source, now)
+        if coalesce and len(self._events) - start > 1:
+            self._coalesce(start)
+
+    def _receive_runs(self, messages: list, source: object, now: float) -> None:
+        """``receive_messages`` for a relay (EPBs, coalesced), with the accelerator: runs of
+        messages of one static prefix in sequence order come as one block of EPBs, and once
+        the first of a run is delivered as usual, the rest are accounted at once."""
+        prefixes = self._accel
+        mode = self._epb_mode
+        version = self._recent_version
+        items = prefixes.hep_fast_runs(messages, mode)  # they cover messages[pos:]
+        pos = k = 0
+        while k < len(items):  # each turn takes one message or more: bounded by the batch
+            item = items[k]
+            k += 1
+            if item is None:
+                data = messages[pos]
+                pos += 1
+                self._miss(data if type(data) is bytes else bytes(data), source, now)
+                if self._recent_version != version:  # the prefixes changed: parse again
+                    version = self._recent_version
+                    items = prefixes.hep_fast_runs(messages[pos:], mode)
+                    k = 0
+                continue
+            index, seq, count, blob, first_len, _, first_size = item
+            run_at = pos
+            pos += count
+            self._hit((index, seq, blob if count == 1 else blob[:first_len]), first_size)
+            if count > 1:
+                self._rest_of_run(item, messages, run_at)
+
+    def _rest_of_run(self, item: tuple, messages: list, run_at: int) -> None:
+        """Messages 2.. of a run whose first one ``_hit`` delivered: when that left the stream
+        in order at the run's first sequence number, the rest are ``count - 1`` steps of
+        ``_track``'s first case, done at once; else each goes through ``_hit``."""
+        index, seq, count, blob, first_len, size, first_size = item
+        entry = self._statics[self._recent[index]]
+        last = self._last_fast
+        stream, state = last[1], last[2]
+        k = count - 1
+        if (
+            last[0] is entry
+            and last[3] == self.evicted_streams
+            and state.session == entry[2]
+            and self._mru is stream
+            and state.top == seq
+        ):
+            top = state.top = (seq + k) & 0xFFFFFFFF
+            state.mask = ((state.mask << k) | ((1 << k) - 1)) & self._window_mask
+            state.span = min(self.window, state.span + k)
+            stats = state.stats
+            stats.datagrams += k
+            stats.bytes += size - first_size
+            stats.packets += k
+            self._events.append(_new(PacketBlocks, (stream, entry[4], blob[first_len:], 0, k, top)))
+            return
+        head = _BLOCK_HEAD[self.raw_byte_order].unpack_from
+        off = first_len
+        for i in range(1, count):
+            blen = head(blob, off)[1]
+            data = messages[run_at + i]
+            self._hit((index, (seq + i) & 0xFFFFFFFF, blob[off : off + blen]), len(data))
+            off += blen
+
+    def _coalesce(self, start: int) -> None:
+        """Merge runs of PacketBlocks among the events queued from ``start`` on."""
+        events = self._events
+        new = [events.pop() for _ in range(len(events) - start)]
+        new.reverse()
+        out: list = []
+        run: list | None = None  # [first event, parts, count, sequence]
+        for ev in new:
+            if type(ev) is PacketBlocks:
+                if (
+                    run is not None
+                    and ev.stream is run[0].stream
+                    and (ev.interfaces is run[0].interfaces)
+                ):
+                    run[1].append(ev.data[ev.start :] if ev.start else ev.data)
+                    run[2] += ev.count
+                    run[3] = ev.sequence
+                    continue
+                if run is not None:
+                    out.append(self._merged(run))
+                run = [ev, [ev.data[ev.start :] if ev.start else ev.data], ev.count, ev.sequence]
+                continue
+            if run is not None:
+                out.append(self._merged(run))
+                run = None
+            out.append(ev)
+        if run is not None:
+            out.append(self._merged(run))
+        events.extend(out)
+
+    @staticmethod
+    def _merged(run: list) -> PacketBlocks:
+        first, parts, count, seq = run
+        if len(parts) == 1:
+            return first
+        return _new(PacketBlocks, (first.stream, first.interfaces, b"".join(parts), 0, count, seq))
+
+    def _receive_messages(self, messages, source: object, now: float) -> None:
+        prefixes = self._accel
+        if prefixes is None or type(messages) is not list:
+            for data in messages:
+                self.receive_message(data, source, now)
+            return
+        mode = self._epb_mode
+        version = self._recent_version
+        hits = prefixes.hep_fast_many(messages, mode)
+        receive = self._miss
+        for i, data in enumerate(messages):
+            hit = hits[i]
+            if hit is not None:
+                self._hit(hit, len(data))
+                continue
+            receive(data if type(data) is bytes else bytes(data), source, now)
+            if self._recent_version != version:  # the prefixes changed: parse the rest again
+                version = self._recent_version
+                hits[i + 1 :] = prefixes.hep_fast_many(messages[i + 1 :], mode)
+
+    def _hit(self, hit: tuple, n: int) -> None:
+        """Deliver a message that ``stm.accel``'s ``hep_fast`` parsed: ``_deliver`` and the
+        event of ``_fast``, inline (this is the receiver's per-message path)."""
+        entry = self._statics[self._recent[hit[0]]]
+        last = self._last_fast
+        stream, state = last[1], last[2]
+        if (
+            last[0] is not entry
+            or last[3] != self.evicted_streams
+            or state.session != entry[2]
+            or self._mru is not stream
+        ):
+            stream, state = self._fast_stream(entry)
+        seq = hit[1]
+        top = state.top
+        if top is not None and seq == (top + 1) & 0xFFFFFFFF and state.span >= self.window:
+            state.top = seq  # in order, in a full window: _track's first case
+            state.mask = ((state.mask << 1) | 1) & self._window_mask
+        elif not self._track(stream, state, seq):
+            return
+        stats = state.stats
+        stats.datagrams += 1
+        stats.bytes += n
+        stats.packets += 1
+        # tuple.__new__: the same NamedTuple without its Python-level __new__ (a third of
+        # the time of this method otherwise)
+        if self._epb_mode:
+            self._events.append(_new(PacketBlocks, (stream, entry[4], hit[2], 0, 1, seq)))
+        else:
+            packet = Packet(entry[3], hit[2], hit[4], hit[3], hit[5])
+            self._events.append(_new(Packets, (stream, [packet], seq)))
+
+    def _fast_stream(self, entry: tuple) -> tuple:
+        """The stream and state of a message with ``entry``'s static chunks, as ``_stream``
+        and ``_state`` give them; without lookups when the last such message had the same
+        entry and its stream is still the most recently used with the same session."""
+        last = self._last_fast
+        if last[0] is entry and last[3] == self.evicted_streams:
+            stream, state = last[1], last[2]
+            if state.session == entry[2] and self._mru is stream:
+                return stream, state
+        stream = self._stream(entry[0], entry[1])
+        state = self._state(stream, entry[2])
+        self._last_fast = (entry, stream, state, self.evicted_streams)
+        return stream, state
+
+    def _deliver(self, entry: tuple, seq: int, n: int):
+        """Sequence accounting and counters of one fast-path message; its stream, or None
+        for a duplicate."""
+        stream, state = self._fast_stream(entry)
+        top = state.top
+        if top is not None and seq == (top + 1) & 0xFFFFFFFF and state.span >= self.window:
+            # In order, in a full window: _track's first case, without the call.
+            state.top = seq
+            state.mask = ((state.mask << 1) | 1) & self._window_mask
+        elif not self._track(stream, state, seq):
+            return None
+        stats = state.stats
+        stats.datagrams += 1
+        stats.bytes += n
+        stats.packets += 1
+        return stream
+
+    def _miss(self, data: bytes, source: object, now: float) -> None:
+        """A message of a batch that the accelerator did not take."""
+        self._receive(data, source, now)
+
+    def _receive(self, data: bytes, source: object, now: float) -> None:
+        """``receive_message`` in pure Python."""
         mv = memoryview(data)
         n = len(mv)
         if n < 6 or mv[:4] != PROTOCOL_ID:
@@ -449,18 +780,19 @@ class TlvDecoder(StreamDecoder):
             else:
                 return False
             pos += clen
-        producer, key, session, iface = self._statics[static]
-        stream = self._stream(producer, key)
-        state = self._state(stream, session)
+        entry = self._statics[static]
         seq = fields[1]
-        if not self._track(stream, state, seq):
+        stream = self._deliver(entry, seq, n)
+        if stream is None:
             return True
-        stats = state.stats
-        stats.datagrams += 1
-        stats.bytes += n
-        stats.packets += 1
-        packet = Packet(iface, fields[6], frame, fields[3], flags, tuple(comments), options)
-        self._events.append(Packets(stream, [packet], seq))
+        bo = self.raw_byte_order
+        if bo is not None and not comments and not options:
+            opts = b"" if flags is None else enc.packet_options(bo, flags)
+            block = enc.epb(bo, 0, fields[6], frame, fields[3], opts)
+            self._events.append(PacketBlocks(stream, entry[4], block, 0, 1, seq))
+        else:
+            packet = Packet(entry[3], fields[6], frame, fields[3], flags, tuple(comments), options)
+            self._events.append(Packets(stream, [packet], seq))
         return True
 
     def _remember(self, mv: memoryview, chunks: dict[int, memoryview], order: list[int]) -> None:
@@ -477,11 +809,13 @@ class TlvDecoder(StreamDecoder):
         static = bytes(mv[6:off])
         session = chunks.get(S["SESSION"])
         producer = bytes(chunks.get(S["PRODUCER"], b"")).decode("utf-8", "replace")
+        iface = self._interface(chunks)
         entry = (
             producer,
             _U32.unpack(chunks[S["STREAM_ID"]])[0],
             None if session is None else bytes(session),
-            self._interface(chunks),
+            iface,
+            [iface],
         )
         if len(self._statics) > 1024:
             self._statics.clear()
@@ -491,6 +825,9 @@ class TlvDecoder(StreamDecoder):
             self._recent.remove(static)
         self._recent.insert(0, static)
         del self._recent[8:]
+        self._recent_version += 1
+        if self._accel is not None:
+            self._accel.set(self._recent, [0] * len(self._recent))
 
     def _generic(self, mv: memoryview, n: int, source: object, now: float) -> None:
         chunks: dict[int, memoryview] = {}
@@ -663,9 +1000,16 @@ class AutoDecoder(Decoder, TlvDecoder):
             auth_key=auth_key,
             **limits,
         )
+        self._configure()  # Decoder.__init__ set raw_byte_order after TlvDecoder's ran
 
     def receive_datagram(self, data: bytes, source: object = None, now: float = 0.0) -> None:
         if data[:4] == PROTOCOL_ID or data[:1] in (b"\x01", b"\x02"):
             self.receive_message(data, source, now)
+        else:
+            Decoder.receive_datagram(self, data, source, now)
+
+    def _miss(self, data: bytes, source: object, now: float) -> None:
+        if data[:4] == PROTOCOL_ID or data[:1] in (b"\x01", b"\x02"):
+            self._receive(data, source, now)
         else:
             Decoder.receive_datagram(self, data, source, now)

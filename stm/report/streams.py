@@ -80,6 +80,7 @@ class StreamDecoder:
         self.malformed = 0
         self.evicted_streams = 0
         self.streams: OrderedDict[Stream, _StreamState] = OrderedDict()
+        self._mru: Stream | None = None  # the last key of ``streams``: _state puts it there
         self._stream_names: dict[tuple[str, int | None], Stream] = {}
         self._pending: OrderedDict[tuple, _Reassembly] = OrderedDict()
         self._pending_bytes = 0
@@ -126,6 +127,7 @@ class StreamDecoder:
                 state.stats = stats
                 stats.restarts += 1
                 self._events.append(Restarted(stream))
+        self._mru = stream
         return state
 
     def _track(self, stream: Stream, state: _StreamState, seq: int) -> bool:
