@@ -226,8 +226,33 @@ class Collector:
 
         return on_message
 
+    def receive_batch(self, reports: list, source) -> None:
+        """Every complete format-B message of one TCP read (plain tcp://: over TLS each
+        message has its ownership checked): one decoder call for all of them."""
+        now = time.monotonic()
+        many = getattr(self.decoder, "receive_messages", None)
+        rest: list = []
+        if self.count is not None:
+            # A format-B message gives at most one packet, so this many cannot pass --count;
+            # the rest go one by one until it is reached.
+            room = max(0, self.count - self.sink.packets)
+            reports, rest = reports[:room], reports[room:]
+        if many is None:
+            rest = reports + rest
+        elif reports:
+            # Consecutive reports of a stream become one block write, unless files rotate
+            # by size, which must be able to cut between any two reports.
+            many(reports, source, now, coalesce=getattr(self.sink, "size_limit", None) is None)
+            self._events()
+        if self.count is not None and self.sink.packets >= self.count:
+            self.stop = True
+        for r in rest:
+            self.receive(r, source, now)
+
     def receive(self, report: bytes, source, now: float) -> None:
-        """One report, whatever carried it."""
+        """One report, whatever carried it (none once stopped: --count is exact)."""
+        if self.stop:
+            return
         self._on_datagram(report, source, now)
         self._events()
         if self.count is not None and self.sink.packets >= self.count:
@@ -511,7 +536,7 @@ def main(
     if fmt == "gre":
         decoder = Decoder(protocol_type=ptype, raw_byte_order=HOST_ORDER, **limits)
     elif fmt == "tlv":
-        decoder = TlvDecoder(auth_key=auth_key, **limits)
+        decoder = TlvDecoder(auth_key=auth_key, raw_byte_order=HOST_ORDER, **limits)
     else:
         decoder = AutoDecoder(
             protocol_type=ptype, raw_byte_order=HOST_ORDER, auth_key=auth_key, **limits
@@ -634,6 +659,8 @@ def open_receivers(
                     allow=allow,
                 )
                 listener.on_message = collector.on_message_from(listener)
+                if e.scheme == "tcp":
+                    listener.on_messages = collector.receive_batch
                 receivers.append(listener)
             elif e.scheme == "kafka":
                 settings = kafka or kafka_transport.KafkaSettings()

@@ -433,8 +433,8 @@ def main(
         live = LiveCapture(interface, bpf_filter, snaplen=snaplen, stop=stop, promisc=promisc,
                            idle=True)  # fmt: skip
     else:
-        # Unpaced format A takes runs of packet blocks to copy whole (RawPackets).
-        bulk = fmt == "gre" and not pacer.active
+        # Unpaced, the encoders take runs of packet blocks whole (RawPackets).
+        bulk = not pacer.active
         source = CaptureInput(files, follow=follow, stop=stop, raw_packets=bulk)
     tls = None
     if any(x is not None for x in (cert, key, ca, server_name, key_password_file,

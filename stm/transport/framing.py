@@ -101,6 +101,13 @@ class AutoFramer:
             data, self._head = self._head, b""
         self._framer.receive_data(data)
 
+    def next_messages(self) -> list[bytes]:
+        """Every complete format-B message buffered now, in one call (format A: none; its
+        datagrams come one by one from ``next_message``)."""
+        if isinstance(self._framer, TlvFramer):
+            return self._framer.next_frames()
+        return []
+
     def next_message(self) -> bytes | None:
         if self._framer is None:
             return None

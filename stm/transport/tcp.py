@@ -527,6 +527,9 @@ class TcpListener:
         self.framer_factory = framer_factory
         self.on_message = on_message
         self.on_close = on_close
+        self.on_messages: Callable[[list, Any], None] | None = None
+        """Optional: takes every complete message of one read at once (a batch decoder);
+        set after construction. Messages it takes do not go to ``on_message``."""
         self.max_connections = max_connections
         self.max_buffer = max_buffer
         self.ssl_context = ssl_context
@@ -789,6 +792,17 @@ class TcpListener:
         messages than it was given bytes, so a runaway framer cannot hang the caller's loop.
         """
         framer = conn.framer
+        take_all = getattr(framer, "next_messages", None)
+        if take_all is not None and self.on_messages is not None:
+            try:
+                messages = take_all()
+            except ProtocolError:
+                messages = []  # the loop below meets the error again and deals with it
+            if messages:
+                self.messages += len(messages)
+                self.on_messages(messages, conn.peer)
+                if conn.closed:
+                    return False
         for _ in range(budget):
             try:
                 message = framer.next_message()
