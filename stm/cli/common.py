@@ -112,3 +112,21 @@ def tls_options(*, receiver: bool):
         return func
 
     return decorate
+
+
+def kafka_client_options(func):
+    """``--kafka-option KEY=VALUE`` (``kafka_options``) and ``--kafka-config FILE``: what
+    either command passes through to librdkafka (SASL, SSL and the like)."""
+    func = click.option(
+        "--kafka-config",
+        type=click.Path(dir_okay=False),
+        metavar="FILE",
+        help="librdkafka properties from FILE (key=value lines): secrets off the command line.",
+    )(func)
+    return click.option(
+        "--kafka-option",
+        "kafka_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="A librdkafka property for kafka:// (SASL, SSL...); repeatable.",
+    )(func)

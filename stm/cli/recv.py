@@ -17,6 +17,7 @@ from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     fail_cleanly,
+    kafka_client_options,
     log,
     parse_int,
     read_secret,
@@ -441,19 +442,7 @@ class Collector:
     metavar="FILE",
     help="Bearer token (read from FILE) for --establish.",
 )
-@click.option(
-    "--kafka-option",
-    "kafka_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A librdkafka property for kafka:// (SASL, SSL...); repeatable.",
-)
-@click.option(
-    "--kafka-config",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="librdkafka properties from FILE (key=value lines): secrets off the command line.",
-)
+@kafka_client_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @verbosity_options
 @click.version_option(__version__, "-V", "--version", prog_name="stm-recv")

@@ -14,6 +14,7 @@ from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     fail_cleanly,
+    kafka_client_options,
     log,
     parse_int,
     read_secret,
@@ -336,19 +337,7 @@ def open_destinations(
     help="How long the bus may take to accept a report (retried until then); then the report "
     "is counted undelivered.",
 )
-@click.option(
-    "--kafka-option",
-    "kafka_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A librdkafka property for kafka:// (SASL, SSL...); repeatable.",
-)
-@click.option(
-    "--kafka-config",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="librdkafka properties from FILE (key=value lines): secrets off the command line.",
-)
+@kafka_client_options
 @click.option(
     "--progress/--no-progress",
     default=None,
