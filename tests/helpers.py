@@ -6,10 +6,13 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pcapng as oracle  # python-pcapng, an independent reader
 
 from stm.pcapng import Interface, InterfaceStatistics, Packet, Section, UnknownBlock, Writer
 
@@ -84,3 +87,24 @@ def relay(events, byte_order):
             w.write_block(ev)
     w.flush()
     return out.getvalue()
+
+
+def oracle_counts(paths) -> list[int]:
+    """Packets per file as python-pcapng counts them, and capinfos (one run for all files,
+    fast) when installed: they must agree, and neither may find a file damaged."""
+    counts = []
+    for path in paths:
+        with open(path, "rb") as f:
+            scanner = oracle.FileScanner(f)
+            counts.append(sum(isinstance(b, oracle.blocks.EnhancedPacket) for b in scanner))
+    capinfos = shutil.which("capinfos")
+    if capinfos and paths:
+        r = subprocess.run(
+            [capinfos, "-c", "-M", "-T", "-r", *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert [int(line.split("\t")[-1]) for line in r.stdout.splitlines()] == counts
+    return counts

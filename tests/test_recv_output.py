@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import pcapng as oracle  # python-pcapng, an independent reader
 import pytest
 from click.testing import CliRunner
+from helpers import oracle_counts
 
 from stm import pcapng
 from stm.cli import recv as recv_cli
@@ -120,25 +120,6 @@ def count(path) -> int | None:
         return sum(1 for _ in pcapng.read(path))
     except Exception:
         return None
-
-
-def oracle_counts(paths) -> list[int]:
-    """Packets per file for python-pcapng, and capinfos (one run) when installed."""
-    counts = []
-    for path in paths:
-        with open(path, "rb") as f:
-            scanner = oracle.FileScanner(f)
-            counts.append(sum(isinstance(b, oracle.blocks.EnhancedPacket) for b in scanner))
-    if CAPINFOS and paths:
-        r = subprocess.run(
-            [CAPINFOS, "-c", "-M", "-T", "-r", *map(str, paths)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        assert [int(line.split("\t")[-1]) for line in r.stdout.splitlines()] == counts
-    return counts
 
 
 def tshark_count(path) -> int:

@@ -12,8 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pcapng as oracle  # python-pcapng, an independent reader
 import pytest
+from helpers import oracle_counts
 
 from stm import pcapng
 from stm.errors import StmError, UsageError
@@ -85,26 +85,6 @@ def feed(out, evs, on_each=None) -> None:
 def keys(path) -> list:
     """Every packet of a file as (bytes, original length, exact time)."""
     return [(bytes(p.data), p.origlen, p.time) for p in pcapng.read(path)]
-
-
-def oracle_counts(paths) -> list[int]:
-    """Packets per file as python-pcapng counts them, and capinfos (one run for all files,
-    fast) when installed: they must agree, and neither may find a file damaged."""
-    counts = []
-    for path in paths:
-        with open(path, "rb") as f:
-            scanner = oracle.FileScanner(f)
-            counts.append(sum(isinstance(b, oracle.blocks.EnhancedPacket) for b in scanner))
-    if CAPINFOS and paths:
-        r = subprocess.run(
-            [CAPINFOS, "-c", "-M", "-T", "-r", *map(str, paths)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert r.returncode == 0, r.stderr
-        assert [int(line.split("\t")[-1]) for line in r.stdout.splitlines()] == counts
-    return counts
 
 
 def oracle_count(path) -> int:
