@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 from stm.errors import ProtocolError, UsageError
 from stm.logbudget import LogBudget
 from stm.transport.allow import AddressFilter
+from stm.transport.sendqueue import QueueingSender
 from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
@@ -96,7 +97,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-class TcpSender:
+class TcpSender(QueueingSender):
     """Streams messages to one collector from a background thread that owns the connection.
 
     :meth:`send` only queues, so a slow or absent collector never stalls the capture path
@@ -169,28 +170,12 @@ class TcpSender:
 
     def send(self, messages: list[bytes]) -> None:
         """Queue messages for the thread; with a full queue drop the oldest, or wait for room."""
-        block = self.policy == "block"
         with self._lock:
             if self._closing:
                 raise UsageError("send() after close()")
+            if not self._enqueue(messages, _IDLE_CHECK):
+                return
             queue = self._queue
-            for i, message in enumerate(messages):
-                if type(message) is not bytes:
-                    message = bytes(message)
-                while len(queue) >= self.queue_limit:
-                    if not block:
-                        queue.popleft()
-                        self.dropped += 1
-                        break
-                    if self._closing or self._finished:
-                        # close() from another thread while we waited: nobody will send these
-                        self.undelivered += len(messages) - i
-                        return
-                    self._nonempty.notify()
-                    self._room.wait(_IDLE_CHECK)
-                queue.append(message)
-                if len(queue) == 1:
-                    self._nonempty.notify()
             if self._finished and not self._finalized:
                 # the thread died (a bug, logged): keep the books straight, do not pile up
                 self.undelivered += len(queue)

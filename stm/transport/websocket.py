@@ -63,6 +63,7 @@ from stm.streaming import (
     refusal,
 )
 from stm.transport.allow import AddressFilter
+from stm.transport.sendqueue import QueueingSender
 from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
@@ -220,7 +221,7 @@ class _Link:
                 self.sock.close()
 
 
-class WsSender:
+class WsSender(QueueingSender):
     """Sends reports to one consumer over WebSocket, from a thread that owns the connection.
 
     ``endpoint``: a ``ws://`` or ``wss://`` :class:`~stm.transport.url.Endpoint` (its path is
@@ -309,27 +310,10 @@ class WsSender:
             raise Refused(f"{self.url}: the consumer refused the streams: {self._first_refusal}")
 
     def send(self, messages: list[bytes]) -> None:
-        block = self.policy == "block"
         with self._lock:
             if self._closing:
                 raise UsageError("send() after close()")
-            queue = self._queue
-            for i, message in enumerate(messages):
-                if type(message) is not bytes:
-                    message = bytes(message)
-                while len(queue) >= self.queue_limit:
-                    if not block:
-                        queue.popleft()
-                        self.dropped += 1
-                        break
-                    if self._closing or self._finished:
-                        self.undelivered += len(messages) - i
-                        return
-                    self._nonempty.notify()
-                    self._room.wait(0.5)
-                queue.append(message)
-                if len(queue) == 1:
-                    self._nonempty.notify()
+            self._enqueue(messages, 0.5)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued and have it acknowledged, for up to ``timeout`` seconds;
