@@ -11,9 +11,12 @@
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyTuple};
+use std::io::Cursor;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
 
 /// Bumped whenever a signature changes, so a stale build is ignored rather than misused.
-const ABI: u32 = 3;
+const ABI: u32 = 4;
 
 const HEP3: &[u8; 4] = b"HEP3";
 const STM: u16 = 0x5354;
@@ -1113,6 +1116,128 @@ fn frame_split<'py>(
     }
 }
 
+
+// -- WebSocket data frames (stm.transport.websocket) ----------------------------------------
+//
+// The frame headers are tungstenite's (`FrameHeader::parse` and `format`); only the XOR with
+// the 4-byte masking key (RFC 6455 section 5.3) is done here, as tungstenite keeps its own
+// private. Everything that is not a plain report frame is left to the websockets library.
+
+/// RFC 6455 section 5.3: ``dst[i] = src[i] ^ key[i % 4]``.
+#[inline]
+fn xor_mask(dst: &mut [u8], src: &[u8], key: [u8; 4]) {
+    let word = u32::from_ne_bytes(key);
+    let mut d = dst.chunks_exact_mut(4);
+    let mut s = src.chunks_exact(4);
+    for (o, i) in (&mut d).zip(&mut s) {
+        let v = u32::from_ne_bytes([i[0], i[1], i[2], i[3]]) ^ word;
+        o.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (n, (o, i)) in d.into_remainder().iter_mut().zip(s.remainder()).enumerate() {
+        *o = i ^ key[n];
+    }
+}
+
+fn binary_header(mask: [u8; 4]) -> FrameHeader {
+    FrameHeader {
+        is_final: true,
+        rsv1: false,
+        rsv2: false,
+        rsv3: false,
+        opcode: OpCode::Data(Data::Binary),
+        mask: Some(mask),
+    }
+}
+
+/// A client's frames for ``reports``: each one final binary frame, masked with a fresh
+/// random key (what websockets' ``send_binary`` writes, but for the key). None if a report
+/// is not bytes.
+#[pyfunction]
+fn ws_client_frames<'py>(
+    py: Python<'py>,
+    reports: &Bound<'py, PyList>,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let mut parts: Vec<Bound<'py, PyBytes>> = Vec::with_capacity(reports.len());
+    let mut total = 0usize;
+    for item in reports.iter() {
+        let Ok(b) = item.cast_into::<PyBytes>() else {
+            return Ok(None);
+        };
+        let n = b.as_bytes().len();
+        total += binary_header([0; 4]).len(n as u64) + n;
+        parts.push(b);
+    }
+    let blob = PyBytes::new_with(py, total, |buf| {
+        let mut pos = 0;
+        for b in &parts {
+            let data = b.as_bytes();
+            let key: [u8; 4] = rand::random();
+            let header = binary_header(key);
+            let hlen = header.len(data.len() as u64);
+            let mut w = &mut buf[pos..pos + hlen];
+            header
+                .format(data.len() as u64, &mut w)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+            pos += hlen;
+            xor_mask(&mut buf[pos..pos + data.len()], data, key);
+            pos += data.len();
+        }
+        Ok(())
+    })?;
+    Ok(Some(blob))
+}
+
+/// A server's reading of ``data[start:]``: ``(payloads, end, next)``. ``payloads`` are
+/// those of the complete, final, masked binary frames without reserved bits and of at
+/// most ``max_size`` bytes from ``start`` on, unmasked; ``end`` is where they stop. There,
+/// ``next`` says what follows: -1 the end of ``data`` or a frame not complete yet, a length
+/// L > 0 a Ping or Pong frame (complete or not: ``data[end:end + L]``) for the websockets
+/// library, -2 anything else, which websockets must see with everything after it.
+#[pyfunction]
+fn ws_server_frames<'py>(
+    py: Python<'py>,
+    data: &Bound<'py, PyBytes>,
+    start: usize,
+    max_size: usize,
+) -> PyResult<(Bound<'py, PyList>, usize, i64)> {
+    let d = data.as_bytes();
+    let out = PyList::empty(py);
+    let mut pos = start.min(d.len());
+    let next = loop {
+        if pos >= d.len() {
+            break -1;
+        }
+        let mut cursor = Cursor::new(&d[pos..]);
+        let (header, length) = match FrameHeader::parse(&mut cursor) {
+            Ok(Some(h)) => h,
+            Ok(None) => break -1,
+            Err(_) => break -2,
+        };
+        let plain = header.is_final && !header.rsv1 && !header.rsv2 && !header.rsv3;
+        let Some(key) = header.mask else { break -2 };
+        let body = pos + cursor.position() as usize;
+        match header.opcode {
+            OpCode::Data(Data::Binary) if plain && length <= max_size as u64 => {
+                let end = body + length as usize;
+                if end > d.len() {
+                    break -1;
+                }
+                let payload = PyBytes::new_with(py, length as usize, |buf| {
+                    xor_mask(buf, &d[body..end], key);
+                    Ok(())
+                })?;
+                out.append(payload)?;
+                pos = end;
+            }
+            OpCode::Control(Control::Ping | Control::Pong) if plain && length <= 125 => {
+                break (body - pos) as i64 + length as i64;
+            }
+            _ => break -2,
+        }
+    };
+    Ok((out, pos, next))
+}
+
 #[pymodule]
 fn _accel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ABI", ABI)?;
@@ -1124,5 +1249,7 @@ fn _accel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(epb_append, m)?)?;
     m.add_function(wrap_pyfunction!(hep_frames, m)?)?;
     m.add_function(wrap_pyfunction!(frame_split, m)?)?;
+    m.add_function(wrap_pyfunction!(ws_client_frames, m)?)?;
+    m.add_function(wrap_pyfunction!(ws_server_frames, m)?)?;
     Ok(())
 }
