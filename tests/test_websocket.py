@@ -7,7 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -71,16 +71,26 @@ class Pump:
         self.sources: list = []
         self.closes: list = []
         receiver.on_close = self.closes.append
+        receiver.on_reports = self._take
+        self._sel = selectors.DefaultSelector()
+        receiver.register(self._sel)
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _take(self, reports: list[bytes], source) -> None:
+        self.reports += reports
+        self.sources += [source] * len(reports)
+
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop:
-            select.select([self.r.sock], [], [], 0.05)
-            for data, source in self.r.drain():
-                self.reports.append(data)
-                self.sources.append(source)
+            for key, mask in self._sel.select(0.05):
+                key.data.handle(key, mask)
+            now = time.monotonic()
+            if now - last >= 0.5:
+                self.r.expire(now)
+                last = now
 
     def wait(self, n: int, timeout: float = 10.0) -> bool:
         return wait(lambda: len(self.reports) >= n, timeout)
@@ -89,6 +99,7 @@ class Pump:
         self._stop = True
         self._thread.join(5)
         self.r.close()
+        self._sel.close()
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ class Collector:
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         for r in self.receivers:
-            if isinstance(r, TcpListener):
+            if hasattr(r, "handle"):  # serves its connections from this loop (TCP, WebSocket)
                 r.register(sel)
             else:
                 sel.register(r.sock, selectors.EVENT_READ, r)
@@ -146,7 +146,7 @@ class Collector:
             timeout = 0.1 if end is None else max(0.0, min(0.1, end - now))
             for key, mask in sel.select(timeout):
                 source = key.data
-                if isinstance(source, TcpListener):
+                if hasattr(source, "handle"):
                     source.handle(key, mask)
                     continue
                 identity = getattr(source, "identity", None)
@@ -169,7 +169,7 @@ class Collector:
                 self.decoder.expire(now)
                 self._events()
                 for r in self.receivers:
-                    if isinstance(r, TcpListener) and r.ssl_context is not None:
+                    if hasattr(r, "handle"):  # handshake and idle time limits
                         r.expire(now)
                 last_expire = now
             if self.sink.maybe_flush(now):
@@ -227,9 +227,10 @@ class Collector:
 
         return on_message
 
-    def receive_batch(self, reports: list, source) -> None:
-        """Every complete format-B message of one TCP read (plain tcp://: over TLS each
-        message has its ownership checked): one decoder call for all of them."""
+    def receive_batch(self, reports: list, source) -> bool:
+        """Every complete message of one TCP read (plain tcp://: over TLS each message has
+        its ownership checked), or the reports of one WebSocket read: one decoder call for
+        all of them (format B). False if --count stopped it before the last one."""
         now = time.monotonic()
         many = getattr(self.decoder, "receive_messages", None)
         rest: list = []
@@ -248,7 +249,10 @@ class Collector:
         if self.count is not None and self.sink.packets >= self.count:
             self.stop = True
         for r in rest:
+            if self.stop:
+                return False
             self.receive(r, source, now)
+        return True
 
     def receive(self, report: bytes, source, now: float) -> None:
         """One report, whatever carried it (none once stopped: --count is exact)."""
@@ -663,7 +667,8 @@ def open_receivers(
                     WsReceiver(e.host, e.port, path=e.path, procedure=ws_procedure,
                                ssl_context=server_context(tls) if e.scheme == "wss" else None,
                                allow=allow, max_connections=max_connections,
-                               owners=collector.owners, on_close=flush_on_close(collector))
+                               owners=collector.owners, on_reports=collector.receive_batch,
+                               on_close=flush_on_close(collector))
                 )  # fmt: skip
             else:
                 raise UsageError(f"{e}: stm-recv cannot listen on {e.scheme}:// yet")

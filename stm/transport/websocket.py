@@ -4,22 +4,25 @@ The producer (stm-send) is the WebSocket client, the consumer (stm-recv) the ser
 binary data frame carries exactly one report, the bytes a UDP datagram would carry, so the
 decoders, loss accounting and output are those of UDP and TCP. How a connection is
 established is :mod:`stm.streaming`'s business (TS 28.532's REST resources, or the seed's
-streamInfoList Ping); this module does the I/O, with wsproto for the frames and h11 for
-HTTP (both sans-IO, so the consumer is one selector loop).
+streamInfoList Ping); this module does the I/O, with the `websockets` library's sans-IO
+protocol (``ClientProtocol``, ``ServerProtocol``) for the handshake and the frames and h11
+for the REST requests, so the consumer runs in stm-recv's selector loop like a TCP listener.
 
 Delivery: a Ping after every batch, answered by the consumer only once the reports before
 it went through the decoder, acknowledges them; the sender counts a report ``sent`` when
 it is acknowledged, and after a lost connection writes the unacknowledged ones again on
 the next (at least once: the decoder drops duplicates by sequence number). So a receiver
 restart loses nothing the sender accepted; what is left at the end counts as undelivered.
+websockets answers every Ping as it parses it; the consumer takes those automatic Pongs
+out of what it writes and sends its own once the reports before the Ping are decoded.
 
 * :class:`WsSender`: a background thread owns the connection, like
   :class:`~stm.transport.tcp.TcpSender` (bounded queue, block or drop-oldest, reconnect
   with backoff and jitter, the streams established again after every reconnect).
-* :class:`WsReceiver`: a listening socket served by a thread of its own (accept, TLS, HTTP,
-  REST, WebSocket); the reports reach stm-recv's selector loop through a queue and a
-  socketpair, in the shape of :class:`~stm.transport.udp.UdpReceiver` (``sock``,
-  ``drain()``).
+* :class:`WsReceiver`: a listening socket whose connections (TLS, HTTP, REST, WebSocket)
+  are served from the caller's selector loop, in the shape of
+  :class:`~stm.transport.tcp.TcpListener` (``register``, ``handle``, ``expire``); the
+  reports of each read go to ``on_reports`` at once.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
+from stm import accel
 from stm.errors import ProtocolError, StmError, UsageError
 from stm.logbudget import LogBudget
 from stm.streaming import (
@@ -69,19 +73,14 @@ from stm.transport.url import Endpoint, resolve
 
 try:  # optional: pip install 'stm[websocket]'
     import h11
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import (
-        AcceptConnection,
-        BytesMessage,
-        CloseConnection,
-        Ping,
-        Pong,
-        RejectConnection,
-        RejectData,
-        Request,
-        TextMessage,
-    )
-    from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+    from websockets.client import ClientProtocol
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidState, InvalidStatus, PayloadTooBig
+    from websockets.frames import Opcode
+    from websockets.http11 import Request as WsRequest
+    from websockets.protocol import State
+    from websockets.server import ServerProtocol
+    from websockets.uri import parse_uri
 except ImportError:  # pragma: no cover - exercised only without the extra
     h11 = None  # type: ignore[assignment]
 
@@ -105,11 +104,17 @@ PING_EVERY = 64
 PING_AFTER = 0.02
 """Seconds an idle sender waits before it asks for the acknowledgement of the last ones."""
 _ACK = struct.Struct("!Q")
+_PONG = b"\x8a"
+"""First byte of a server's Pong frame (FIN, opcode 10; a server does not mask)."""
+_EOF = b""
+"""What websockets' ``data_to_send()`` gives for "half-close the TCP connection now"."""
+_WS_LOG = logging.getLogger("stm.websockets")
+_WS_LOG.setLevel(logging.WARNING)  # its per-connection INFO lines are ours to write
 
 
-def _need_wsproto() -> None:
+def _need_websockets() -> None:
     if h11 is None:
-        raise UsageError("ws:// and wss:// need wsproto: pip install 'stm[websocket]'")
+        raise UsageError("ws:// and wss:// need websockets and h11: pip install 'stm[websocket]'")
 
 
 def _reason(exc: BaseException) -> str:
@@ -128,6 +133,11 @@ def _host_header(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _short(reason: str) -> str:
+    """A Close reason that fits a control frame (125 bytes with the 2-byte code)."""
+    return reason.encode()[:120].decode("utf-8", "ignore")
+
+
 def _peer_name(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return _host_header(str(addr[0]), addr[1])
@@ -144,9 +154,9 @@ class Refused(StmError):
 
 class _Link:
     """One established WebSocket connection of the sender: a blocking socket (with a short
-    timeout) and its wsproto state. Not thread-safe: the sender's thread owns it."""
+    timeout) and its websockets protocol. Not thread-safe: the sender's thread owns it."""
 
-    def __init__(self, sock: socket.socket, ws: WSConnection, connection: str | None) -> None:
+    def __init__(self, sock: socket.socket, ws: ClientProtocol, connection: str | None) -> None:
         self.sock = sock
         self.ws = ws
         self.connection = connection
@@ -155,13 +165,14 @@ class _Link:
         self.pinged = 0  # ... up to which a Ping asked for an acknowledgement
         self.ping_time = 0.0
         self.closed_by: str | None = None
+        self._ext = accel.ext
 
     def events(self, timeout: float) -> str | None:
         """Read what the consumer sent (waiting up to ``timeout``), answer its Pings, note
         acknowledgements; why the connection is over, or None."""
         if self.closed_by is not None:
             return self.closed_by
-        sock = self.sock
+        sock, ws = self.sock, self.ws
         try:
             sock.settimeout(timeout)
             data = sock.recv(READ_SIZE)
@@ -176,45 +187,58 @@ class _Link:
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(_IO_SLICE)
-        self.ws.receive_data(data or None)
-        out = []
-        for event in self.ws.events():
-            if isinstance(event, Pong):
-                if len(event.payload) == _ACK.size:
-                    self.acked = max(self.acked, _ACK.unpack(event.payload)[0])
-            elif isinstance(event, Ping):
-                out.append(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                with contextlib.suppress(LocalProtocolError):
-                    out.append(self.ws.send(event.response()))
-                why = f"closed by the consumer: {event.code}"
-                self.closed_by = f"{why} {event.reason}" if event.reason else why
+        if data:
+            ws.receive_data(data)
+        else:
+            ws.receive_eof()
+        for frame in ws.events_received():
+            if frame.opcode is Opcode.PONG:
+                if len(frame.data) == _ACK.size:
+                    self.acked = max(self.acked, _ACK.unpack(frame.data)[0])
+            elif frame.opcode is Opcode.CLOSE:
+                close = ws.close_rcvd
+                why = f"closed by the consumer: {close.code}" if close else "closed by the consumer"
+                self.closed_by = f"{why} {close.reason}" if close and close.reason else why
+        out = b"".join(ws.data_to_send())  # Pongs to its Pings, the echo of its Close
         if out:
             with contextlib.suppress(OSError):
-                sock.sendall(b"".join(out))
-        if not data and self.closed_by is None:
-            self.closed_by = "connection closed by the consumer"
+                sock.sendall(out)
+        if self.closed_by is None and ws.parser_exc is not None:
+            self.closed_by = (
+                "connection closed by the consumer"
+                if isinstance(ws.parser_exc, EOFError)
+                else f"protocol error: {ws.parser_exc}"
+            )
         return self.closed_by
 
     def frames(self, reports: list[bytes]) -> bytes:
-        send = self.ws.send
-        return b"".join([send(BytesMessage(data=r)) for r in reports])
+        ws = self.ws
+        if self._ext is not None and ws.state is State.OPEN:
+            blob = self._ext.ws_client_frames(reports)  # what send_binary writes, compiled
+            if blob is not None:
+                return blob
+        send = ws.send_binary
+        for r in reports:
+            send(r)
+        return b"".join(ws.data_to_send())
 
     def ping(self) -> bytes:
         """An acknowledgement request: the consumer answers it once everything written
         before it went through its decoder."""
-        return self.ws.send(Ping(payload=_ACK.pack(self.written)))
+        self.ws.send_ping(_ACK.pack(self.written))
+        return b"".join(self.ws.data_to_send())
 
     def terminate(self, code: int, reason: str, wait: float) -> None:
         """terminateStreamingConnection: our Close, then the consumer's echo (up to
         ``wait`` seconds), then the socket goes."""
         try:
             if self.closed_by is None:
-                self.sock.sendall(self.ws.send(CloseConnection(code=code, reason=reason)))
+                self.ws.send_close(code, reason)
+                self.sock.sendall(b"".join(self.ws.data_to_send()))
                 deadline = time.monotonic() + wait
                 while self.closed_by is None and time.monotonic() < deadline:
                     self.events(min(_IO_SLICE, max(0.0, deadline - time.monotonic())))
-        except (OSError, LocalProtocolError):
+        except (OSError, InvalidState):
             pass
         finally:
             with contextlib.suppress(OSError):
@@ -250,7 +274,7 @@ class WsSender(QueueingSender):
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
     ) -> None:
-        _need_wsproto()
+        _need_websockets()
         if procedure not in PROCEDURES:
             raise UsageError(f"procedure must be one of {', '.join(PROCEDURES)}")
         if policy not in ("block", "drop-oldest"):
@@ -523,7 +547,7 @@ class WsSender(QueueingSender):
             ):
                 data += link.ping()
                 link.pinged, link.ping_time = link.written, now
-        except LocalProtocolError:
+        except InvalidState:  # the consumer's Close came in: nothing more may be sent
             return link.closed_by or "connection closing"
         if data:
             try:
@@ -639,9 +663,11 @@ class WsSender(QueueingSender):
                 else:
                     sock.close()
                     sock = self._open(deadline)
-            ws = WSConnection(ConnectionType.CLIENT)
+            scheme = "wss" if self.ssl_context is not None else "ws"
             host = _host_header(self.endpoint.host, self.endpoint.port)
-            sock.sendall(ws.send(Request(host=host, target=target)))
+            ws = ClientProtocol(parse_uri(f"{scheme}://{host}{target}"), logger=_WS_LOG)
+            ws.send_request(ws.connect())
+            sock.sendall(b"".join(ws.data_to_send()))
             self._upgraded(sock, ws, target, deadline)
             link = _Link(sock, ws, connection)
             if self.procedure == "seed":
@@ -653,30 +679,25 @@ class WsSender(QueueingSender):
                 sock.close()
             raise
 
-    def _upgraded(self, sock, ws, target: str, deadline: float) -> None:
-        reject = None
-        body = bytearray()
+    def _upgraded(self, sock, ws: ClientProtocol, target: str, deadline: float) -> None:
         while True:
             data = self._recv(sock, deadline)
-            ws.receive_data(data or None)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection):
-                    return
-                if isinstance(event, RejectConnection):
-                    reject = event
-                    if not event.has_body:
-                        break
-                elif isinstance(event, RejectData):
-                    body += event.data[:MAX_BODY]
-                    if event.body_finished:
-                        break
+            if data:
+                ws.receive_data(data)
             else:
-                if not data:
-                    raise ProtocolError("the consumer closed the connection during the Upgrade")
-                continue
-            break
-        status = reject.status_code if reject is not None else 0
-        why = f"Upgrade GET {target}: {refusal(status, '', bytes(body))}"
+                ws.receive_eof()
+            if ws.events_received() and ws.state is State.OPEN:
+                return
+            if ws.handshake_exc is not None or not data:
+                break
+        exc = ws.handshake_exc
+        if isinstance(exc, InvalidStatus):
+            status, body = exc.response.status_code, bytes(exc.response.body or b"")
+            why = f"Upgrade GET {target}: {refusal(status, '', body[:MAX_BODY])}"
+        elif exc is not None:
+            status, why = 0, f"Upgrade GET {target}: {exc}"
+        else:
+            raise ProtocolError("the consumer closed the connection during the Upgrade")
         # a 404 under TS 28.532: the connection resource went (expired); start again
         gone = self.procedure == "ts28532" and status in (404, 409)
         if 400 <= status < 500 and status not in (408, 429) and not gone:
@@ -687,7 +708,8 @@ class WsSender(QueueingSender):
         """The seed's establishStreamingConnection: the streamInfoList in a Ping, and the
         Pong with the same data back."""
         sock, ws = link.sock, link.ws
-        sock.sendall(ws.send(Ping(payload=self.ping_payload)))
+        ws.send_ping(self.ping_payload)
+        sock.sendall(b"".join(ws.data_to_send()))
         while True:
             if time.monotonic() >= deadline:
                 raise Refused(
@@ -697,20 +719,25 @@ class WsSender(QueueingSender):
                 data = self._recv(sock, deadline)
             except TimeoutError:
                 continue
-            ws.receive_data(data or None)
-            for event in ws.events():
-                if isinstance(event, Pong) and event.payload == self.ping_payload:
+            if data:
+                ws.receive_data(data)
+            else:
+                ws.receive_eof()
+            for frame in ws.events_received():
+                if frame.opcode is Opcode.PONG and frame.data == self.ping_payload:
                     return
-                if isinstance(event, Ping):
-                    sock.sendall(ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    with contextlib.suppress(LocalProtocolError, OSError):
-                        sock.sendall(ws.send(event.response()))
+                if frame.opcode is Opcode.CLOSE:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"".join(ws.data_to_send()))  # the echo
+                    close = ws.close_rcvd
+                    code = close.code if close else 1005
+                    reason = close.reason if close else ""
                     raise Refused(
-                        f"Close {event.code} instead of a Pong to the streamInfoList"
-                        + (f": {event.reason}" if event.reason else "")
+                        f"Close {code} instead of a Pong to the streamInfoList"
+                        + (f": {reason}" if reason else "")
                     )
-            if not data:
+            sock.sendall(b"".join(ws.data_to_send()))  # Pongs to its Pings
+            if not data or ws.parser_exc is not None:
                 raise ProtocolError("the consumer closed the connection before the Pong")
 
 
@@ -718,7 +745,8 @@ class WsSender(QueueingSender):
 
 
 class _Closed:
-    """A marker in the receiver's queue: a producer's connection ended."""
+    """What ``on_close`` gets: a producer's connection ended (after every report it sent
+    went to ``on_reports``)."""
 
     __slots__ = ("code", "peer", "producer", "reason")
 
@@ -729,38 +757,29 @@ class _Closed:
         self.reason = reason
 
 
-class _Ack:
-    """A marker in the receiver's queue: a Ping to answer once what came before it is in."""
-
-    __slots__ = ("payload", "peer")
-
-    def __init__(self, peer: _Peer, payload: bytes) -> None:
-        self.peer = peer
-        self.payload = payload
-
-
 class _Peer:
     __slots__ = (
         "addr",
         "body",
         "closing",
+        "ending",
         "events",
+        "fast",
         "fd",
         "h11",
         "handshaking",
         "identity",
         "last",
-        "linger",
         "message",
         "origin",
         "out",
+        "pending",
         "request",
         "requests",
         "session",
         "sock",
         "source",
         "started",
-        "text",
         "ws",
     )
 
@@ -774,14 +793,15 @@ class _Peer:
         self.last = now
         self.started = now  # of the current phase: TLS and HTTP, a request, the seed's Ping
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16 << 10)
-        self.ws: WSConnection | None = None
+        self.ws: ServerProtocol | None = None
         self.session: Session | None = None
         self.message = bytearray()
-        self.text = False
         self.out = bytearray()
         self.events = selectors.EVENT_READ
         self.closing = False  # close once ``out`` is written
-        self.linger = False  # ... and the producer echoed our Close
+        self.ending = False  # we sent a Close: nothing else goes out; wait for the echo
+        self.fast = True  # report frames are cut out by stm.accel until an unusual frame
+        self.pending = b""  # ... and the start of a frame not complete yet
         self.requests = 0
         self.origin = ""
         self.request = None
@@ -789,7 +809,7 @@ class _Peer:
 
 
 class WsReceiver:
-    """A WebSocket consumer of STM reports, served by a thread of its own.
+    """A WebSocket consumer of STM reports, served from the caller's selector loop.
 
     ``procedure``: ``ts28532`` (REST resources under ``path``), ``seed`` (an Upgrade on
     ``path`` then the streamInfoList Ping) or ``any``. ``ssl_context`` makes it wss://.
@@ -797,11 +817,14 @@ class WsReceiver:
     reports of at most 65,535 bytes (a larger message is closed with 1009), 64 KiB REST
     bodies, ``handshake_timeout`` seconds for TLS, HTTP and the seed's Ping.
 
-    For stm-recv's loop: ``sock`` (readable when reports wait) and :meth:`drain`, which
-    returns ``[(report, source)]``; ``owners`` (a
-    :class:`~stm.report.ownership.StreamOwners`) admits reports of authenticated producers
-    there. ``on_close(marker)`` is called from :meth:`drain` when a producer's connection
-    ended, after every report it sent went out of :meth:`drain`.
+    Like :class:`~stm.transport.tcp.TcpListener`: :meth:`register` with the loop's
+    selector, :meth:`handle` for every ready key whose ``data`` is this receiver, and
+    :meth:`expire` every half second or so. The reports of one read go to
+    ``on_reports(reports, source)`` at once; it returns False if it stopped taking them
+    (stm-recv reached --count), so that no Ping after them is answered. ``owners`` (a
+    :class:`~stm.report.ownership.StreamOwners`) admits reports of authenticated producers.
+    ``on_close(marker)`` is called when a producer's connection ended, after every report
+    it sent went to ``on_reports``.
     """
 
     def __init__(
@@ -816,9 +839,10 @@ class WsReceiver:
         max_connections: int = 1024,
         handshake_timeout: float = 10.0,
         owners=None,
+        on_reports: Callable[[list[bytes], Any], bool | None] | None = None,
         on_close: Callable[[Any], None] | None = None,
     ) -> None:
-        _need_wsproto()
+        _need_websockets()
         if max_connections < 1 or handshake_timeout <= 0:
             raise UsageError("max_connections and handshake_timeout must be positive")
         family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
@@ -841,6 +865,7 @@ class WsReceiver:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
         self.owners = owners
+        self.on_reports = on_reports
         self.on_close = on_close
         owner_of = owners.owner if owners is not None else None
         self.registry = Registry(
@@ -858,73 +883,53 @@ class WsReceiver:
         self.unannounced = 0
         self._peers: dict[int, _Peer] = {}
         self._log = LogBudget()
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._queue: deque = deque()
-        self._commands: deque = deque()
-        self.sock, self._wake_w = socket.socketpair()  # selector loop <- thread
-        self._cmd_r, self._cmd_w = socket.socketpair()  # thread <- drain()
-        for s in (self.sock, self._wake_w, self._cmd_r, self._cmd_w):
-            s.setblocking(False)
-        self._stop = False
+        self._sel: selectors.BaseSelector | None = None
         self._closed = False
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.listener, selectors.EVENT_READ, None)
-        self._sel.register(self._cmd_r, selectors.EVENT_READ, None)
-        self._thread = threading.Thread(target=self._serve, name=f"stm {self.url}", daemon=True)
-        self._thread.start()
-
-    # -- the selector loop's side ---------------------------------------------------------
+        self._ext = accel.ext
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.listener.fileno()
 
-    def drain(self, limit: int = 512) -> list[tuple[bytes, Any]]:
-        """Reports waiting now, up to ``limit``, with their source; stops at a producer's
-        Close or an acknowledgement Ping, so that they are handled only once everything
-        before them was decoded (the next call does it)."""
-        with contextlib.suppress(OSError):
-            while self.sock.recv(4096):
-                pass
-        out: list[tuple[bytes, Any]] = []
-        markers = []
-        owners = self.owners
-        with self._lock:
-            queue = self._queue
-            while queue and len(out) < limit:
-                item = queue[0]
-                if type(item) is tuple:
-                    queue.popleft()
-                    report, source, identity = item
-                    if (
-                        owners is not None
-                        and identity is not None
-                        and not owners.admit(report, identity)
-                    ):
-                        self.streams_refused += 1
-                        sid, who, owner = owners.last_refused
-                        self._log.warning(
-                            "stream %d claimed by %s, owned by %s: refused", sid, who, owner
-                        )
-                        continue
-                    out.append((report, source))
-                elif out:
-                    break
-                else:
-                    markers.append(queue.popleft())
-            if queue:
-                self._wake()
-            self._room.notify_all()
-        acks = [m for m in markers if type(m) is _Ack]
-        if acks:
-            with self._lock:
-                self._commands.extend(acks)
-            with contextlib.suppress(OSError):
-                self._cmd_w.send(b"\0")
-        for m in markers:
-            if type(m) is _Closed and self.on_close is not None:
-                self.on_close(m)
-        return out
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Watch the listening socket (and, later, each connection) with ``selector``."""
+        if self._sel is not None:
+            raise UsageError("WsReceiver.register() called twice")
+        self._sel = selector
+        selector.register(self.listener, selectors.EVENT_READ, self)
+
+    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
+        """Serve one readiness event of a socket this receiver registered."""
+        if self._closed:
+            return
+        if key.fileobj is self.listener:
+            self._accept()
+            return
+        peer = self._peers.get(key.fd)
+        if peer is not None and peer.sock is key.fileobj:
+            self._ready(peer, mask)
+
+    def expire(self, now: float | None = None) -> None:
+        """Time limits: a phase (TLS handshake, HTTP request, the seed's Ping) must end in
+        time from its start, however active the peer; a closing or idle one, from its last
+        byte. Expired TS 28.532 connection resources go too."""
+        now = time.monotonic() if now is None else now
+        self.registry.expire(now)
+        limit = now - self.handshake_timeout
+        for p in list(self._peers.values()):
+            if p.started > limit and p.last > limit:
+                continue
+            if p.handshaking:
+                self.tls_failures += 1
+                self._reject(p, "TLS handshake failed: timed out")
+            elif p.ws is None and p.requests and p.h11.their_state is h11.IDLE:
+                if p.last <= limit:
+                    self._drop(p, "idle")  # a kept-alive REST connection
+            elif p.ws is None:
+                self._reject(p, "no complete HTTP request in time")
+            elif isinstance(p.session, Session) and not p.session.established:
+                self._close_ws(p, CLOSE_POLICY, "no streamInfoList Ping in time")
+            elif (p.closing or p.ending) and p.last <= limit:
+                self._drop(p, "closing handshake timed out")
 
     def stats(self) -> dict:
         return {
@@ -944,18 +949,38 @@ class WsReceiver:
         }
 
     def close(self) -> None:
-        """Close every connection (1001, going away) and the listening socket."""
+        """Close every connection (1001, going away) and the listening socket, waiting up
+        to a second for the producers' echoes (so that no unread data turns our close into
+        a reset that could overtake the Close). What is left unacknowledged is sent again
+        by the producer to the next consumer."""
         if self._closed:
             return
         self._closed = True
-        self._stop = True
-        with self._lock:
-            self._room.notify_all()
-        with contextlib.suppress(OSError):
-            self._cmd_w.send(b"\0")
-        self._thread.join(5.0)
-        for s in (self.sock, self._wake_w, self._cmd_r, self._cmd_w):
-            s.close()
+        if self._sel is not None:
+            for sock in [self.listener, *(p.sock for p in self._peers.values())]:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sel.unregister(sock)
+        self.listener.close()
+        self._sel = selectors.DefaultSelector()  # our own, for the closing handshakes
+        try:
+            for p in list(self._peers.values()):
+                p.events = 0
+                if p.ws is not None and isinstance(p.session, Session):
+                    self._close_ws(p, CLOSE_GOING_AWAY, "stm-recv stopping")
+                elif p.ws is None:
+                    self._drop(p, None)
+                else:
+                    self._want(p)
+            deadline = time.monotonic() + 1.0
+            while self._peers and time.monotonic() < deadline:
+                for key, mask in self._sel.select(0.05):
+                    peer = key.data
+                    if self._peers.get(peer.fd) is peer:
+                        self._ready(peer, mask)
+            for p in list(self._peers.values()):
+                self._drop(p, None)
+        finally:
+            self._sel.close()
 
     def __enter__(self) -> WsReceiver:
         return self
@@ -963,103 +988,11 @@ class WsReceiver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the thread -----------------------------------------------------------------------
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    def _put(self, item) -> None:
-        with self._lock:
-            if not self._queue:
-                self._wake()
-            self._queue.append(item)
-
-    def _serve(self) -> None:
-        last_tick = time.monotonic()
-        try:
-            while not self._stop:
-                with self._lock:
-                    if len(self._queue) >= MAX_QUEUE:  # the loop is behind: stop reading
-                        self._room.wait(0.1)
-                        continue
-                for key, mask in self._sel.select(0.1):
-                    if key.fileobj is self.listener:
-                        self._accept()
-                    elif key.fileobj is self._cmd_r:
-                        self._run_commands()
-                    else:
-                        peer = key.data
-                        if peer.fd in self._peers and peer.sock is key.fileobj:
-                            self._ready(peer, mask)
-                now = time.monotonic()
-                if now - last_tick >= 0.5:
-                    self._tick(now)
-                    last_tick = now
-        except Exception:
-            log.exception("websocket receiver %s stopped", self.url)
-        finally:
-            self._shutdown()
-
-    def _shutdown(self) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(self.listener)
-        self.listener.close()
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(self._cmd_r)
-        for p in list(self._peers.values()):
-            if p.ws is not None and isinstance(p.session, Session):
-                self._close_ws(p, CLOSE_GOING_AWAY, "stm-recv stopping")
-            elif p.ws is None:
-                self._drop(p, None)
-        # The closing handshake, bounded: read until each producer echoes our Close (or
-        # goes), so no unread data turns our close into a reset that could overtake the Close.
-        # What is left unacknowledged is sent again by the producer to the next consumer.
-        deadline = time.monotonic() + 1.0
-        while self._peers and time.monotonic() < deadline:
-            for key, mask in self._sel.select(0.05):
-                peer = key.data
-                if isinstance(peer, _Peer) and self._peers.get(peer.fd) is peer:
-                    self._ready(peer, mask)
-        for p in list(self._peers.values()):
-            self._drop(p, None)
-        self._sel.close()
-
-    def _run_commands(self) -> None:
-        with contextlib.suppress(OSError):
-            while self._cmd_r.recv(4096):
-                pass
-        with self._lock:
-            commands = list(self._commands)
-            self._commands.clear()
-        for ack in commands:
-            peer = ack.peer
-            if peer.fd in self._peers and self._peers[peer.fd] is peer and peer.ws is not None:
-                with contextlib.suppress(LocalProtocolError):
-                    self._send(peer, peer.ws.send(Pong(payload=ack.payload)))
-
-    def _tick(self, now: float) -> None:
-        self.registry.expire(now)
-        limit = now - self.handshake_timeout
-        for p in list(self._peers.values()):
-            # a phase (TLS handshake, HTTP request, the seed's Ping) must end in time
-            # from its start, however active the peer; a closing or idle one, from its last byte
-            if p.started > limit and p.last > limit:
-                continue
-            if p.handshaking:
-                self.tls_failures += 1
-                self._reject(p, "TLS handshake failed: timed out")
-            elif p.ws is None and p.requests and p.h11.their_state is h11.IDLE:
-                if p.last <= limit:
-                    self._drop(p, "idle")  # a kept-alive REST connection
-            elif p.ws is None:
-                self._reject(p, "no complete HTTP request in time")
-            elif isinstance(p.session, Session) and not p.session.established:
-                self._close_ws(p, CLOSE_POLICY, "no streamInfoList Ping in time")
-            elif p.closing and p.last <= limit:
-                self._drop(p, "closing handshake timed out")
+    # -- connections ----------------------------------------------------------------------
 
     def _accept(self) -> None:
+        if self._sel is None:
+            raise UsageError("call WsReceiver.register(selector) before handle()")
         for _ in range(64):
             try:
                 sock, addr = self.listener.accept()
@@ -1099,13 +1032,17 @@ class WsReceiver:
                 continue
             peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
             self._peers[peer.fd] = peer
-            self._sel.register(sock, selectors.EVENT_READ, peer)
+            self._sel.register(sock, selectors.EVENT_READ, self)
 
     def _want(self, peer: _Peer) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
-        if events != peer.events:
+        if events != peer.events and self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                if peer.events == 0:
+                    self._sel.register(peer.sock, events, peer if self._closed else self)
+                else:
+                    self._sel.modify(peer.sock, events, peer if self._closed else self)
             peer.events = events
-            self._sel.modify(peer.sock, events, peer)
 
     def _ready(self, peer: _Peer, mask: int) -> None:
         peer.last = time.monotonic()
@@ -1124,12 +1061,10 @@ class WsReceiver:
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            peer.events = selectors.EVENT_READ
-            self._sel.modify(sock, peer.events, peer)
+            self._watch(peer, selectors.EVENT_READ)
             return
         except ssl.SSLWantWriteError:
-            peer.events = selectors.EVENT_WRITE
-            self._sel.modify(sock, peer.events, peer)
+            self._watch(peer, selectors.EVENT_WRITE)
             return
         except OSError as exc:
             self.tls_failures += 1
@@ -1140,6 +1075,11 @@ class WsReceiver:
         if peer.identity is not None:
             peer.source = (peer.identity, *peer.addr[1:2])
         self._want(peer)
+
+    def _watch(self, peer: _Peer, events: int) -> None:
+        if events != peer.events and self._sel is not None:
+            self._sel.modify(peer.sock, events, self)
+            peer.events = events
 
     def _send(self, peer: _Peer, data: bytes) -> None:
         peer.out += data
@@ -1158,7 +1098,7 @@ class WsReceiver:
         except OSError as exc:
             self._drop(peer, _reason(exc))
             return
-        if not peer.out and peer.closing and not peer.linger:
+        if not peer.out and peer.closing:
             self._drop(peer, None)
             return
         self._want(peer)
@@ -1311,20 +1251,17 @@ class WsReceiver:
             self._respond(peer, Response.error(status, reason), close=True)
             return
         trailing, _ = peer.h11.trailing_data
-        ws = WSConnection(ConnectionType.SERVER)
-        try:
-            ws.initiate_upgrade_connection(list(request.headers), request.target)
-            accepted = False
-            for event in ws.events():
-                if isinstance(event, Request):
-                    out = ws.send(AcceptConnection())
-                    accepted = True
-        except RemoteProtocolError as exc:
-            self._respond(peer, Response.error(400, str(exc)), close=True)
+        # h11 parsed the request: websockets checks it and answers, then a protocol that
+        # starts OPEN (no extension negotiated) takes the frames
+        handshake = ServerProtocol(logger=_WS_LOG)
+        headers = Headers([(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers])
+        response = handshake.accept(WsRequest(target, headers))
+        if response.status_code != 101:
+            why = str(handshake.handshake_exc or "not a WebSocket request")
+            self._respond(peer, Response.error(400, why), close=True)
             return
-        if not accepted:
-            self._respond(peer, Response.error(400, "not a WebSocket request"), close=True)
-            return
+        handshake.send_response(response)
+        ws = ServerProtocol(state=State.OPEN, max_size=MAX_MESSAGE, logger=_WS_LOG)
         peer.ws = ws
         peer.origin = self._origin(peer, request)
         peer.session = Session(self.registry, conn, identity=peer.identity, origin=peer.origin)
@@ -1337,69 +1274,150 @@ class WsReceiver:
                 conn.id,
                 ", ".join(conn.streams),
             )
-        self._send(peer, out)
+        self._send(peer, b"".join(handshake.data_to_send()))
         if trailing and peer.fd in self._peers:
             self._frames(peer, bytes(trailing))
 
     # -- WebSocket ------------------------------------------------------------------------
 
     def _frames(self, peer: _Peer, data: bytes) -> None:
+        """Everything one read brought: its reports go to ``on_reports`` in one call, then
+        the Pongs to the Pings among them (so that each acknowledges what came before it),
+        then whatever ends the connection."""
         ws, session = peer.ws, peer.session
         assert ws is not None
-        ws.receive_data(data or None)
-        if not isinstance(session, Session):  # ended: wait for the Close echo or EOF
-            for event in ws.events():
-                if isinstance(event, CloseConnection):
-                    self._drop(peer, None)
-                    return
-            if not data:
-                self._drop(peer, None)
-            return
-        for event in ws.events():
-            if isinstance(event, BytesMessage):
-                if peer.text or len(peer.message) + len(event.data) > MAX_MESSAGE:
-                    if not peer.text:
-                        self.oversize += 1
-                        self._close_ws(
-                            peer, CLOSE_TOO_BIG, f"a report is {MAX_MESSAGE} bytes at most"
-                        )
-                    return
-                if not event.message_finished:
-                    peer.message += event.data
+        reports: list[bytes] = []
+        pongs: list[bytes] = []
+        close_with: tuple[int, str] | None = None  # our Close, once the rest is done
+        if not isinstance(session, Session):
+            self._feed(peer, data)
+            ws.events_received()  # ended: we only wait for the Close echo or EOF
+        elif peer.fast and data and self._ext is not None:
+            close_with = self._cut(peer, session, data, reports, pongs)
+        else:
+            self._feed(peer, data)
+            close_with = self._take(peer, session, ws.events_received(), reports, pongs)
+        # websockets' own Pongs go: ours follow the decoding of what came before each Ping
+        writes = [w for w in ws.data_to_send() if w[:1] != _PONG]
+        if reports:
+            self.reports += len(reports)
+            self.bytes += sum(map(len, reports))
+            if self.on_reports is not None and self.on_reports(reports, peer.source) is False:
+                pongs = []  # the consumer stopped: what followed was not written
+        ended = None
+        if isinstance(session, Session):
+            ended = self._ending(peer, ws, close_with)
+        out = bytearray()
+        if pongs and not peer.ending:
+            for payload in pongs:
+                ws.send_pong(payload)
+            out += b"".join(ws.data_to_send())
+        eof = _EOF in writes
+        out += b"".join(writes)
+        if close_with is not None and ws.state is State.OPEN:
+            self.closed["by_us"] += 1
+            ws.send_close(close_with[0], _short(close_with[1]))
+            peer.ending = True
+            out += b"".join(w for w in ws.data_to_send() if w[:1] != _PONG)
+        if ended is not None:
+            self._ended(peer, *ended)
+        if eof:
+            peer.closing = True  # websockets is done with it: close once written
+        if out or peer.closing:
+            self._send(peer, bytes(out))
+
+    @staticmethod
+    def _feed(peer: _Peer, data: bytes) -> None:
+        ws = peer.ws
+        peer.fast = False  # from now on websockets sees every byte
+        if peer.pending:
+            ws.receive_data(peer.pending)
+            peer.pending = b""
+        if data:
+            ws.receive_data(data)
+        else:
+            ws.receive_eof()
+
+    def _cut(self, peer: _Peer, session: Session, data: bytes, reports: list, pongs: list):
+        """:meth:`_take` with the accelerator: it cuts the report frames out of the stream;
+        websockets gets each Ping or Pong frame whole, and everything from the first other
+        frame on (a fragment, text, a Close, a bad header), so its parser only ever starts
+        at a frame boundary."""
+        ws = peer.ws
+        buf = peer.pending + data if peer.pending else data
+        peer.pending = b""
+        cut = self._ext.ws_server_frames
+        pos = 0
+        while True:
+            payloads, pos, size = cut(buf, pos, MAX_MESSAGE)
+            if payloads:
+                why = self._take_reports(peer, session, payloads, reports)
+                if why is not None:
+                    return why
+            if size == -2:
+                self._feed(peer, buf[pos:])
+                return self._take(peer, session, ws.events_received(), reports, pongs)
+            if size == -1 or pos + size > len(buf):
+                peer.pending = buf[pos:]  # at most a report frame (or a Ping) long
+                return None
+            ws.receive_data(buf[pos : pos + size])
+            why = self._take(peer, session, ws.events_received(), reports, pongs)
+            if why is not None:
+                return why
+            pos += size
+
+    def _take_reports(self, peer: _Peer, session: Session, payloads, reports: list):
+        """Reports of announced streams (and, over TLS, streams this producer owns) into
+        ``reports``; the Close (code, reason) to send, or None."""
+        owners = self.owners if peer.identity is not None else None
+        check = session.report
+        for report in payloads:
+            try:
+                ok = check(report)
+            except ProtocolError as exc:
+                return CLOSE_POLICY, str(exc)
+            if not ok:
+                self.unannounced += 1
+                self._log.warning(
+                    "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
+                )
+            elif owners is not None and not owners.admit(report, peer.identity):
+                self.streams_refused += 1
+                sid, who, owner = owners.last_refused
+                self._log.warning("stream %d claimed by %s, owned by %s: refused", sid, who, owner)
+            else:
+                reports.append(report)
+        return None
+
+    def _take(self, peer: _Peer, session: Session, frames, reports: list, pongs: list):
+        """Sort frames websockets parsed: reports into ``reports``, Ping payloads to
+        answer into ``pongs``; the Close (code, reason) to send, or None."""
+        for frame in frames:
+            op = frame.opcode
+            if op is Opcode.BINARY or op is Opcode.CONT:
+                if not frame.fin:
+                    peer.message += frame.data
                     continue
                 if peer.message:
-                    peer.message += event.data
+                    peer.message += frame.data
                     report = bytes(peer.message)
                     peer.message.clear()
                 else:
-                    report = event.data
-                try:
-                    ok = session.report(report)
-                except ProtocolError as exc:
-                    self._close_ws(peer, CLOSE_POLICY, str(exc))
-                    return
-                if ok:
-                    self.reports += 1
-                    self.bytes += len(report)
-                    self._put((report, peer.source, peer.identity))
-                else:
-                    self.unannounced += 1
-                    self._log.warning(
-                        "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
-                    )
-            elif isinstance(event, TextMessage):
-                peer.text = True
-                self._close_ws(peer, CLOSE_UNSUPPORTED, "reports are binary frames")
-                return
-            elif isinstance(event, Ping):
-                if not is_stream_ping(event.payload):
-                    if session.established:
-                        self._put(_Ack(peer, bytes(event.payload)))  # after what came before
-                    else:
-                        self._send(peer, ws.send(event.response()))
-                    continue
-                action = session.ping(event.payload, time.monotonic())
-                if action[0] == "pong":
+                    report = frame.data if type(frame.data) is bytes else bytes(frame.data)
+                why = self._take_reports(peer, session, (report,), reports)
+                if why is not None:
+                    return why
+            elif op is Opcode.TEXT:
+                return CLOSE_UNSUPPORTED, "reports are binary frames"
+            elif op is Opcode.PING:
+                payload = bytes(frame.data)
+                if is_stream_ping(payload):
+                    action = session.ping(payload, time.monotonic())
+                    if action[0] != "pong":
+                        self._log.warning(
+                            "streamInfoList from %s refused: %s", _peer_name(peer.addr), action[2]
+                        )
+                        return action[1], action[2]
                     conn = session.connection
                     log.info(
                         "producer %s connected from %s (seed procedure): streams %s",
@@ -1407,54 +1425,64 @@ class WsReceiver:
                         _peer_name(peer.addr),
                         ", ".join(conn.streams) if conn else "",
                     )
-                    self._send(peer, ws.send(event.response()))
-                else:
-                    self._log.warning(
-                        "streamInfoList from %s refused: %s", _peer_name(peer.addr), action[2]
-                    )
-                    self._close_ws(peer, action[1], action[2])
-                    return
-            elif isinstance(event, CloseConnection):
-                self.closed["by_producer"] += 1
-                log.info(
-                    "producer %s closed its connection from %s: %s %s",
-                    session.producer,
-                    _peer_name(peer.addr),
-                    event.code,
-                    event.reason or "",
-                )
-                with contextlib.suppress(LocalProtocolError):
-                    peer.out += ws.send(event.response())
-                self._ended(peer, event.code, event.reason)
-                peer.closing = True
-                self._flush(peer)
-                return
-            if peer.fd not in self._peers:
-                return
-        if not data and peer.fd in self._peers:
-            self._drop(peer, "connection closed without a Close")
+                pongs.append(payload)
+        return None
+
+    def _ending(self, peer: _Peer, ws: ServerProtocol, close_with) -> tuple | None:
+        """How this read ended the producer's connection, as (code, reason), or None."""
+        if ws.close_rcvd is not None:
+            self.closed["by_producer"] += 1
+            code, reason = ws.close_rcvd.code, ws.close_rcvd.reason
+            log.info(
+                "producer %s closed its connection from %s: %s %s",
+                peer.session.producer if isinstance(peer.session, Session) else None,
+                _peer_name(peer.addr),
+                code,
+                reason,
+            )
+            return code, reason
+        exc = ws.parser_exc
+        if isinstance(exc, PayloadTooBig):
+            self.oversize += 1
+            self.closed["by_us"] += 1
+            self._log.warning(
+                "closing connection from %s: a report is %d bytes at most",
+                _peer_name(peer.addr),
+                MAX_MESSAGE,
+            )
+            return CLOSE_TOO_BIG, f"a report is {MAX_MESSAGE} bytes at most"
+        if isinstance(exc, EOFError):
+            self.closed["dropped"] += 1
+            log.info("connection from %s ended: closed without a Close", _peer_name(peer.addr))
+            return None, "connection closed without a Close"
+        if exc is not None:
+            self.closed["by_us"] += 1
+            self._log.warning("closing connection from %s: %s", _peer_name(peer.addr), exc)
+            return 1002, str(exc)
+        return close_with
 
     def _close_ws(self, peer: _Peer, code: int, reason: str) -> None:
-        """Our Close (the producer echoes it; we do not wait for that)."""
-        self.closed["by_us"] += 1
-        if peer.ws is not None:
-            with contextlib.suppress(LocalProtocolError):
-                peer.out += peer.ws.send(CloseConnection(code=code, reason=reason[:120]))
-        self._ended(peer, code, reason)
-        peer.closing = peer.linger = True
-        if peer.fd in self._peers:
-            self._flush(peer)
+        """Our Close (the producer echoes it; websockets tells us when to close)."""
+        ws = peer.ws
+        if ws is not None and ws.state is State.OPEN:
+            self.closed["by_us"] += 1
+            ws.send_close(code, _short(reason))
+            peer.ending = True
+            self._ended(peer, code, reason)
+            if peer.fd in self._peers:
+                self._send(peer, b"".join(w for w in ws.data_to_send() if w[:1] != _PONG))
+        else:
+            self._ended(peer, code, reason)
 
     def _ended(self, peer: _Peer, code, reason) -> None:
         session = peer.session
-        if session is None:
+        if not isinstance(session, Session):
             return
-        peer.session = None
         producer = session.producer
         session.closed()
-        if session.established:
-            self._put(_Closed(peer.source, producer, code, reason))
         peer.session = _Done  # type: ignore[assignment]
+        if session.established and self.on_close is not None:
+            self.on_close(_Closed(peer.source, producer, code, reason))
 
     def _reject(self, peer: _Peer, reason: str) -> None:
         self.rejected_connections += 1
@@ -1469,8 +1497,9 @@ class WsReceiver:
             self.closed["dropped"] += 1
             log.info("connection from %s ended: %s", _peer_name(peer.addr), reason or "closed")
             self._ended(peer, None, reason)
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(peer.sock)
+        if self._sel is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(peer.sock)
         with contextlib.suppress(OSError):
             peer.sock.close()
 
