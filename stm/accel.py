@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-ABI = 4  # the extension's ABI constant this code was written for
+ABI = 5  # the extension's ABI constant this code was written for
 
 
 def _load() -> ModuleType | None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from stm import accel
 from stm.errors import ProtocolError, UsageError
 from stm.report.ownership import claims_only
 
@@ -684,6 +685,7 @@ class Session:
         self.reports = 0
         self._ids: frozenset[int] = frozenset()
         self._version = -1
+        self._ext = accel.ext
         if connection is not None:
             connection.open = True
 
@@ -726,7 +728,7 @@ class Session:
         conn = self.connection
         if conn is None:
             raise ProtocolError("data before the streamInfoList Ping")
-        if conn.version != self._version or self._ids is None:
+        if conn.version != self._version:
             self._ids = conn.report_ids()
             self._version = conn.version
         if not claims_only(data, self._ids):
@@ -734,6 +736,20 @@ class Session:
             return False
         self.reports += 1
         return True
+
+    def report_run(self, reports: list, start: int) -> int:
+        """How many of ``reports[start:]``, from the first on, :meth:`report` would take
+        (taken now): in one call of the accelerator, or 0 without it (and when the first
+        is not one: :meth:`report` then says what it is)."""
+        conn = self.connection
+        if self._ext is None or conn is None:
+            return 0
+        if conn.version != self._version:
+            self._ids = conn.report_ids()
+            self._version = conn.version
+        n = self._ext.claims_only_run(reports, start, self._ids)
+        self.reports += n
+        return n
 
     def closed(self) -> None:
         if self.connection is not None:

@@ -11,12 +11,13 @@
 use pyo3::buffer::PyBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyTuple};
+use std::collections::HashSet;
 use std::io::Cursor;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
 /// Bumped whenever a signature changes, so a stale build is ignored rather than misused.
-const ABI: u32 = 4;
+const ABI: u32 = 5;
 
 const HEP3: &[u8; 4] = b"HEP3";
 const STM: u16 = 0x5354;
@@ -1116,7 +1117,6 @@ fn frame_split<'py>(
     }
 }
 
-
 // -- WebSocket data frames (stm.transport.websocket) ----------------------------------------
 //
 // The frame headers are tungstenite's (`FrameHeader::parse` and `format`); only the XOR with
@@ -1238,6 +1238,66 @@ fn ws_server_frames<'py>(
     Ok((out, pos, next))
 }
 
+// -- stream ownership (stm.report.ownership) -----------------------------------------------
+
+const STREAM_ID: u16 = 0x5309; // StmChunk.STREAM_ID
+const CAPTURE_ID: u16 = 0x000C; // HepChunk.CAPTURE_ID (vendor 0)
+
+/// ``stream_ids(report) <= allowed`` of ``stm.report.ownership``, for one report.
+fn claims_only_one(d: &[u8], allowed: &HashSet<u32>) -> bool {
+    if d.len() >= 4 && &d[..4] == HEP3 {
+        let mut end = d.len();
+        if end >= 6 {
+            end = end.min(be16(d, 4).unwrap_or(0) as usize);
+        }
+        let mut pos = 6;
+        while pos + 6 <= end {
+            let (Some(vendor), Some(ctype), Some(length)) =
+                (be16(d, pos), be16(d, pos + 2), be16(d, pos + 4))
+            else {
+                break;
+            };
+            let length = length as usize;
+            if length < 6 || pos + length > end {
+                break;
+            }
+            let names_id =
+                (vendor == STM && ctype == STREAM_ID) || (vendor == 0 && ctype == CAPTURE_ID);
+            if names_id && length == 10 {
+                match be32(d, pos + 6) {
+                    Some(id) if allowed.contains(&id) => {}
+                    _ => return false,
+                }
+            }
+            pos += length;
+        }
+        return true;
+    }
+    let Some(flags) = be16(d, 0) else { return true };
+    if flags & 0x2000 == 0 {
+        return true; // no key: no stream ID
+    }
+    let at = if flags & 0x8000 != 0 { 8 } else { 4 };
+    match be32(d, at) {
+        Some(id) => allowed.contains(&id),
+        None => true,
+    }
+}
+
+/// How many of ``reports[start:]``, from the first on, are bytes that claim only stream
+/// IDs in ``allowed`` (``claims_only`` true for each): the Python code looks at the next.
+#[pyfunction]
+fn claims_only_run(reports: &Bound<'_, PyList>, start: usize, allowed: HashSet<u32>) -> usize {
+    let mut n = 0;
+    for item in reports.iter().skip(start) {
+        match item.cast::<PyBytes>() {
+            Ok(b) if claims_only_one(b.as_bytes(), &allowed) => n += 1,
+            _ => break,
+        }
+    }
+    n
+}
+
 #[pymodule]
 fn _accel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ABI", ABI)?;
@@ -1251,5 +1311,6 @@ fn _accel(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(frame_split, m)?)?;
     m.add_function(wrap_pyfunction!(ws_client_frames, m)?)?;
     m.add_function(wrap_pyfunction!(ws_server_frames, m)?)?;
+    m.add_function(wrap_pyfunction!(claims_only_run, m)?)?;
     Ok(())
 }

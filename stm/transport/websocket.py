@@ -1366,27 +1366,42 @@ class WsReceiver:
                 return why
             pos += size
 
-    def _take_reports(self, peer: _Peer, session: Session, payloads, reports: list):
+    def _take_reports(self, peer: _Peer, session: Session, payloads: list, reports: list):
         """Reports of announced streams (and, over TLS, streams this producer owns) into
         ``reports``; the Close (code, reason) to send, or None."""
         owners = self.owners if peer.identity is not None else None
-        check = session.report
-        for report in payloads:
-            try:
-                ok = check(report)
-            except ProtocolError as exc:
-                return CLOSE_POLICY, str(exc)
-            if not ok:
-                self.unannounced += 1
-                self._log.warning(
-                    "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
-                )
-            elif owners is not None and not owners.admit(report, peer.identity):
-                self.streams_refused += 1
-                sid, who, owner = owners.last_refused
-                self._log.warning("stream %d claimed by %s, owned by %s: refused", sid, who, owner)
+        i, end = 0, len(payloads)
+        while i < end:
+            n = session.report_run(payloads, i)  # the usual case, in one call
+            if n:
+                taken = payloads[i : i + n]
+                i += n
             else:
-                reports.append(report)
+                report = payloads[i]
+                i += 1
+                try:
+                    ok = session.report(report)
+                except ProtocolError as exc:
+                    return CLOSE_POLICY, str(exc)
+                if not ok:
+                    self.unannounced += 1
+                    self._log.warning(
+                        "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
+                    )
+                    continue
+                taken = (report,)
+            if owners is None:
+                reports += taken
+                continue
+            for report in taken:
+                if owners.admit(report, peer.identity):
+                    reports.append(report)
+                else:
+                    self.streams_refused += 1
+                    sid, who, owner = owners.last_refused
+                    self._log.warning(
+                        "stream %d claimed by %s, owned by %s: refused", sid, who, owner
+                    )
         return None
 
     def _take(self, peer: _Peer, session: Session, frames, reports: list, pongs: list):
@@ -1404,7 +1419,7 @@ class WsReceiver:
                     peer.message.clear()
                 else:
                     report = frame.data if type(frame.data) is bytes else bytes(frame.data)
-                why = self._take_reports(peer, session, (report,), reports)
+                why = self._take_reports(peer, session, [report], reports)
                 if why is not None:
                     return why
             elif op is Opcode.TEXT:
