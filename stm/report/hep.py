@@ -503,7 +503,7 @@ class TlvDecoder(StreamDecoder):
             if hit is not None:  # what _fast finds for this message, found in one call
                 self._hit(hit, len(data))
                 return
-        self._receive(data, source, now)
+        self._miss(data, source, now)
 
     def receive_messages(
         self, messages, source: object = None, now: float = 0.0, *, coalesce: bool = False
@@ -708,7 +708,8 @@ class TlvDecoder(StreamDecoder):
         return stream
 
     def _miss(self, data: bytes, source: object, now: float) -> None:
-        """A message of a batch that the accelerator did not take."""
+        """A message the accelerator did not take (or without it): AutoDecoder sends the
+        format-A ones to the GRE decoder from here, on both paths."""
         self._receive(data, source, now)
 
     def _receive(self, data: bytes, source: object, now: float) -> None:
