@@ -1218,10 +1218,10 @@ fn ws_server_frames<'py>(
         let body = pos + cursor.position() as usize;
         match header.opcode {
             OpCode::Data(Data::Binary) if plain && length <= max_size as u64 => {
-                let end = body + length as usize;
-                if end > d.len() {
-                    break -1;
-                }
+                let end = match body.checked_add(length as usize) {
+                    Some(end) if end <= d.len() => end,
+                    _ => break -1, // not complete yet
+                };
                 let payload = PyBytes::new_with(py, length as usize, |buf| {
                     xor_mask(buf, &d[body..end], key);
                     Ok(())

@@ -1353,7 +1353,7 @@ class WsReceiver:
             if payloads:
                 why = self._take_reports(peer, session, payloads, reports)
                 if why is not None:
-                    return why
+                    return self._refused(peer, buf, pos, why)
             if size == -2:
                 self._feed(peer, buf[pos:])
                 return self._take(peer, session, ws.events_received(), reports, pongs)
@@ -1361,10 +1361,21 @@ class WsReceiver:
                 peer.pending = buf[pos:]  # at most a report frame (or a Ping) long
                 return None
             ws.receive_data(buf[pos : pos + size])
+            pos += size
             why = self._take(peer, session, ws.events_received(), reports, pongs)
             if why is not None:
-                return why
-            pos += size
+                return self._refused(peer, buf, pos, why)
+
+    @staticmethod
+    def _refused(peer: _Peer, buf: bytes, pos: int, why: tuple[int, str]) -> tuple[int, str]:
+        """After a refusal in the middle of a read, websockets still sees the rest of it
+        (a Close from the producer there is answered, as without the accelerator); its
+        frames are not taken."""
+        peer.fast = False
+        if pos < len(buf):
+            peer.ws.receive_data(buf[pos:])
+        peer.ws.events_received()
+        return why
 
     def _take_reports(self, peer: _Peer, session: Session, payloads: list, reports: list):
         """Reports of announced streams (and, over TLS, streams this producer owns) into
