@@ -94,8 +94,6 @@ WINDOW = 960
 """Reports written and not yet acknowledged, at most: inside the decoder's duplicate window
 of 1,024, so what is written again after a reconnect is recognised as such."""
 READ_SIZE = 256 << 10
-MAX_QUEUE = 10000
-"""Reports the receiver's thread holds for the selector loop before it stops reading."""
 MAX_OUT = 1 << 20
 """Bytes the receiver holds for a peer that does not read its Pongs and responses."""
 _IO_SLICE = 0.2
@@ -1308,7 +1306,7 @@ class WsReceiver:
         if isinstance(session, Session):
             ended = self._ending(peer, ws, close_with)
         out = bytearray()
-        if pongs and not peer.ending:
+        if pongs and not peer.ending and ws.state is not State.CLOSED:
             for payload in pongs:
                 ws.send_pong(payload)
             out += b"".join(ws.data_to_send())
