@@ -1190,9 +1190,10 @@ fn ws_client_frames<'py>(
 /// A server's reading of ``data[start:]``: ``(payloads, end, next)``. ``payloads`` are
 /// those of the complete, final, masked binary frames without reserved bits and of at
 /// most ``max_size`` bytes from ``start`` on, unmasked; ``end`` is where they stop. There,
-/// ``next`` says what follows: -1 the end of ``data`` or a frame not complete yet, a length
-/// L > 0 a Ping or Pong frame (complete or not: ``data[end:end + L]``) for the websockets
-/// library, -2 anything else, which websockets must see with everything after it.
+/// ``next`` says what follows: -1 the end of ``data`` or a frame header not complete yet;
+/// a length L > 0, the whole length of the frame at ``end``: such a binary frame not
+/// complete yet, or a Ping or Pong frame (complete or not) for the websockets library; -2
+/// anything else, which websockets must see with everything after it.
 #[pyfunction]
 fn ws_server_frames<'py>(
     py: Python<'py>,
@@ -1220,7 +1221,9 @@ fn ws_server_frames<'py>(
             OpCode::Data(Data::Binary) if plain && length <= max_size as u64 => {
                 let end = match body.checked_add(length as usize) {
                     Some(end) if end <= d.len() => end,
-                    _ => break -1, // not complete yet
+                    // not complete yet: how long it is (so the caller waits for all of it)
+                    Some(end) => break i64::try_from(end - pos).unwrap_or(-1),
+                    None => break -1,
                 };
                 let payload = PyBytes::new_with(py, length as usize, |buf| {
                     xor_mask(buf, &d[body..end], key);

@@ -769,6 +769,7 @@ class _Peer:
         "identity",
         "last",
         "message",
+        "need",
         "origin",
         "out",
         "pending",
@@ -799,7 +800,8 @@ class _Peer:
         self.closing = False  # close once ``out`` is written
         self.ending = False  # we sent a Close: nothing else goes out; wait for the echo
         self.fast = True  # report frames are cut out by stm.accel until an unusual frame
-        self.pending = b""  # ... and the start of a frame not complete yet
+        self.pending = bytearray()  # ... and the start of a frame not complete yet
+        self.need = 0  # ... whose whole length, if known
         self.requests = 0
         self.origin = ""
         self.request = None
@@ -1329,8 +1331,8 @@ class WsReceiver:
         ws = peer.ws
         peer.fast = False  # from now on websockets sees every byte
         if peer.pending:
-            ws.receive_data(peer.pending)
-            peer.pending = b""
+            ws.receive_data(bytes(peer.pending))
+            peer.pending = bytearray()
         if data:
             ws.receive_data(data)
         else:
@@ -1342,8 +1344,14 @@ class WsReceiver:
         frame on (a fragment, text, a Close, a bad header), so its parser only ever starts
         at a frame boundary."""
         ws = peer.ws
-        buf = peer.pending + data if peer.pending else data
-        peer.pending = b""
+        if peer.pending:  # the start of a frame: wait until all of it is in
+            peer.pending += data
+            if len(peer.pending) < peer.need:
+                return None
+            buf = bytes(peer.pending)
+            peer.pending = bytearray()
+        else:
+            buf = data
         cut = self._ext.ws_server_frames
         pos = 0
         while True:
@@ -1356,7 +1364,10 @@ class WsReceiver:
                 self._feed(peer, buf[pos:])
                 return self._take(peer, session, ws.events_received(), reports, pongs)
             if size == -1 or pos + size > len(buf):
-                peer.pending = buf[pos:]  # at most a report frame (or a Ping) long
+                # at most a report frame (or a Ping) long; appended to, so that a frame
+                # that comes a byte at a time is not copied over and over
+                peer.pending = bytearray(buf[pos:])
+                peer.need = max(size, 0)
                 return None
             ws.receive_data(buf[pos : pos + size])
             pos += size
