@@ -1,6 +1,7 @@
 """STM reports over WebSocket (ws://, wss://) in both connection procedures: TS 28.532's REST
 resources and the seed's streamInfoList Ping. Real connections on 127.0.0.1 only; the
-independent peers are the `websockets` library, http.client and curl."""
+peers are wsproto (another implementation than ours, which is on websockets' sans-IO
+protocol), websockets' threaded client and server, http.client and curl."""
 
 from __future__ import annotations
 
@@ -466,6 +467,55 @@ def test_websockets_client_on_our_consumer_both_procedures(rx):
             ws.recv(timeout=5)
         assert "1009" in str(err.value)
     assert pump.r.stats()["oversize"] == 1
+
+
+def test_a_wsproto_producer_on_our_consumer(rx):
+    """Another implementation's frames, whole and fragmented, with Pings between them."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong
+    from wsproto.events import Request as WsprotoRequest
+
+    pump = rx(procedure="seed")
+    ws = WSConnection(ConnectionType.CLIENT)
+    sent = [report(0x1234, i, size=50 + 37 * i) for i in range(300)]
+    pongs, closed = [], []
+
+    def take(sock) -> None:
+        ws.receive_data(sock.recv(65536) or None)
+        for event in ws.events():
+            if isinstance(event, Pong):
+                pongs.append(bytes(event.payload))
+            elif isinstance(event, CloseConnection):
+                closed.append(event.code)
+            elif not isinstance(event, AcceptConnection):
+                raise AssertionError(f"unexpected {event!r}")
+
+    with socket.create_connection((HOST, pump.r.address[1]), timeout=5) as sock:
+        sock.sendall(ws.send(WsprotoRequest(host=HOST, target="/stm")))
+        take(sock)
+        sock.sendall(ws.send(Ping(payload=encode_ping("amf-9", [StreamInfo.stm(0x1234, "gre")]))))
+        take(sock)
+        assert len(pongs) == 1
+        out = b""
+        for i, r in enumerate(sent):
+            if i in (260, 275, 290):  # in three fragments (then websockets sees it all)
+                out += ws.send(BytesMessage(data=r[:10], message_finished=False))
+                out += ws.send(BytesMessage(data=r[10:20], message_finished=False))
+                out += ws.send(BytesMessage(data=r[20:]))
+            else:
+                out += ws.send(BytesMessage(data=r))
+            if i % 50 == 49:
+                out += ws.send(Ping(payload=i.to_bytes(8, "big")))
+        for at in range(0, len(out), 1000):  # in pieces, frames cut anywhere
+            sock.sendall(out[at : at + 1000])
+        assert pump.wait(len(sent))
+        sock.sendall(ws.send(CloseConnection(code=1000)))
+        deadline = time.monotonic() + 5
+        while not closed and time.monotonic() < deadline:
+            take(sock)
+    assert pump.reports == sent
+    assert pongs[1:] == [i.to_bytes(8, "big") for i in range(49, 300, 50)]
+    assert closed == [1000] and wait(lambda: [c.code for c in pump.closes] == [1000])
 
 
 def test_our_producer_on_a_websockets_server():
