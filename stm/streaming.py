@@ -728,10 +728,7 @@ class Session:
         conn = self.connection
         if conn is None:
             raise ProtocolError("data before the streamInfoList Ping")
-        if conn.version != self._version:
-            self._ids = conn.report_ids()
-            self._version = conn.version
-        if not claims_only(data, self._ids):
+        if not claims_only(data, self._allowed(conn)):
             self.unannounced += 1
             return False
         self.reports += 1
@@ -744,12 +741,17 @@ class Session:
         conn = self.connection
         if self._ext is None or conn is None:
             return 0
+        n = self._ext.claims_only_run(reports, start, self._allowed(conn))
+        self.reports += n
+        return n
+
+    def _allowed(self, conn: Connection) -> frozenset[int]:
+        """The stream IDs the connection's reports may carry (the streams change with
+        addStream/deleteStream, or a later streamInfoList Ping)."""
         if conn.version != self._version:
             self._ids = conn.report_ids()
             self._version = conn.version
-        n = self._ext.claims_only_run(reports, start, self._ids)
-        self.reports += n
-        return n
+        return self._ids
 
     def closed(self) -> None:
         if self.connection is not None:
