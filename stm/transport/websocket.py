@@ -131,6 +131,14 @@ def _host_header(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _give(ws, data: bytes) -> None:
+    """What a read brought to a websockets protocol: ``b""`` is the peer's end of stream."""
+    if data:
+        ws.receive_data(data)
+    else:
+        ws.receive_eof()
+
+
 def _short(reason: str) -> str:
     """A Close reason that fits a control frame (125 bytes with the 2-byte code)."""
     return reason.encode()[:120].decode("utf-8", "ignore")
@@ -185,18 +193,14 @@ class _Link:
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(_IO_SLICE)
-        if data:
-            ws.receive_data(data)
-        else:
-            ws.receive_eof()
+        _give(ws, data)
         for frame in ws.events_received():
             if frame.opcode is Opcode.PONG:
                 if len(frame.data) == _ACK.size:
                     self.acked = max(self.acked, _ACK.unpack(frame.data)[0])
-            elif frame.opcode is Opcode.CLOSE:
+            elif frame.opcode is Opcode.CLOSE:  # websockets keeps it parsed as close_rcvd
                 close = ws.close_rcvd
-                why = f"closed by the consumer: {close.code}" if close else "closed by the consumer"
-                self.closed_by = f"{why} {close.reason}" if close and close.reason else why
+                self.closed_by = f"closed by the consumer: {close.code} {close.reason}".rstrip()
         out = b"".join(ws.data_to_send())  # Pongs to its Pings, the echo of its Close
         if out:
             with contextlib.suppress(OSError):
@@ -680,10 +684,7 @@ class WsSender(QueueingSender):
     def _upgraded(self, sock, ws: ClientProtocol, target: str, deadline: float) -> None:
         while True:
             data = self._recv(sock, deadline)
-            if data:
-                ws.receive_data(data)
-            else:
-                ws.receive_eof()
+            _give(ws, data)
             if ws.events_received() and ws.state is State.OPEN:
                 return
             if ws.handshake_exc is not None or not data:
@@ -717,10 +718,7 @@ class WsSender(QueueingSender):
                 data = self._recv(sock, deadline)
             except TimeoutError:
                 continue
-            if data:
-                ws.receive_data(data)
-            else:
-                ws.receive_eof()
+            _give(ws, data)
             for frame in ws.events_received():
                 if frame.opcode is Opcode.PONG and frame.data == self.ping_payload:
                     return
@@ -728,11 +726,9 @@ class WsSender(QueueingSender):
                     with contextlib.suppress(OSError):
                         sock.sendall(b"".join(ws.data_to_send()))  # the echo
                     close = ws.close_rcvd
-                    code = close.code if close else 1005
-                    reason = close.reason if close else ""
                     raise Refused(
-                        f"Close {code} instead of a Pong to the streamInfoList"
-                        + (f": {reason}" if reason else "")
+                        f"Close {close.code} instead of a Pong to the streamInfoList"
+                        + (f": {close.reason}" if close.reason else "")
                     )
             sock.sendall(b"".join(ws.data_to_send()))  # Pongs to its Pings
             if not data or ws.parser_exc is not None:
@@ -1333,10 +1329,7 @@ class WsReceiver:
         if peer.pending:
             ws.receive_data(bytes(peer.pending))
             peer.pending = bytearray()
-        if data:
-            ws.receive_data(data)
-        else:
-            ws.receive_eof()
+        _give(ws, data)
 
     def _cut(self, peer: _Peer, session: Session, data: bytes, reports: list, pongs: list):
         """:meth:`_take` with the accelerator: it cuts the report frames out of the stream;
