@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import stm.accel
 from stm import frames, pcapng, tlv
-from stm.errors import MalformedReport
+from stm.errors import MalformedPcapng, MalformedReport
 from stm.pcapng import Interface, Packet, RawPackets, Section, Writer
 from stm.pcapng import constants as c
 from stm.report import (
@@ -308,8 +308,32 @@ def test_tlv_add_raw_on_samples(path):
     want = tlv_by_add(data)
     with pure():
         assert tlv_by_add(data) == want
+        assert tlv_by_add_raw(data) == want
     assert tlv_by_add_raw(data) == want
     assert want[0]
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["accel", "pure"])
+def test_tlv_add_raw_stops_at_a_malformed_block_with_the_ready_messages(compiled):
+    from test_encoder_raw import epb, shb_idb
+
+    if compiled and EXT is None:
+        pytest.skip("stm._accel is not built (or STM_NO_ACCEL)")
+    bo = "<"
+    bad = struct.pack(bo + "HH", c.OPT_COMMENT, 200) + b"x" * 8  # runs past its block
+    blocks = [epb(bo, 0, i, bytes(300)) for i in range(12)] + [epb(bo, 0, 99, b"z" * 50, bad)]
+    interfaces: list[Interface] = []
+    runs = []
+    for ev in pcapng.read_events(shb_idb(bo) + b"".join(blocks), raw_packets=True):
+        if isinstance(ev, Interface):
+            interfaces.append(ev)
+        elif isinstance(ev, RawPackets):
+            runs.append(ev)
+    with nullcontext() if compiled else pure():
+        enc = TlvEncoder("raw", 3, session=bytes(8))
+    with pytest.raises(MalformedPcapng) as info:
+        enc.add_raw(runs[0], interfaces, 0.0)
+    assert len(info.value.datagrams) == 12 and enc.stats.packets == 12
 
 
 def test_tlv_add_raw_on_corpus(corpus_dir):

@@ -10,7 +10,7 @@ import time
 
 import click
 
-from stm import __version__, accel, gre, tlv
+from stm import __version__, gre, tlv
 from stm.cli.common import (
     CONTEXT,
     fail_cleanly,
@@ -422,11 +422,8 @@ def main(
         live = LiveCapture(interface, bpf_filter, snaplen=snaplen, stop=stop, promisc=promisc,
                            idle=True)  # fmt: skip
     else:
-        # Unpaced, the encoders take runs of packet blocks whole (RawPackets): format A
-        # copies them; format B parses them in the accelerator, and without it reads a run
-        # block by block at several times the cost of the reader's packets (it is the path
-        # for the rare blocks), so then it takes the reader's.
-        bulk = not pacer.active and (fmt == "gre" or accel.available())
+        # Unpaced, the encoders take runs of packet blocks whole (RawPackets).
+        bulk = not pacer.active
         source = CaptureInput(files, follow=follow, stop=stop, raw_packets=bulk)
     tls = None
     if any(x is not None for x in (cert, key, ca, server_name, key_password_file,

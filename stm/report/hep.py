@@ -21,6 +21,7 @@ from stm import accel, frames
 from stm.errors import MalformedPcapng, UsageError
 from stm.pcapng import constants as c
 from stm.pcapng import encode as enc
+from stm.pcapng.block import packets_from_blocks
 from stm.pcapng.options import EPB_KINDS, IDB_KINDS, decode_options, encode_options
 from stm.pcapng.records import Interface, Packet, RawPackets
 from stm.report.common import (
@@ -287,20 +288,23 @@ class TlvEncoder:
         stats = self.stats
         head = _BLOCK_HEAD[bo].unpack_from
         try:
+            if ext is None:  # in pure Python: the packets as the reader gives them, then add
+                for packet in packets_from_blocks(data, bo, interfaces):
+                    out += self.add(packet, now)
+                return out
             while off < n:  # each turn takes a compiled stretch, then one block (>= 12 bytes)
-                if ext is not None:
-                    # Only interfaces add has met already: it numbers them as it meets them.
-                    fast = [self._met(i) for i in interfaces]
-                    messages, off, size = ext.hep_encode_run(
-                        fast, data, off, bo == ">", self.sequence, self.budget
-                    )
-                    if messages:
-                        k = len(messages)
-                        stats.packets += k
-                        stats.datagrams += k
-                        stats.bytes += size
-                        self.sequence = (self.sequence + k) & 0xFFFFFFFF
-                        out += messages
+                # Only interfaces add has met already: it numbers them as it meets them.
+                fast = [self._met(i) for i in interfaces]
+                messages, off, size = ext.hep_encode_run(
+                    fast, data, off, bo == ">", self.sequence, self.budget
+                )
+                if messages:
+                    k = len(messages)
+                    stats.packets += k
+                    stats.datagrams += k
+                    stats.bytes += size
+                    self.sequence = (self.sequence + k) & 0xFFFFFFFF
+                    out += messages
                 if off >= n:
                     break
                 if n - off < 12 or head(data, off)[1] < 12:
