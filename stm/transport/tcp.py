@@ -38,6 +38,7 @@ from stm.errors import ProtocolError, UsageError
 from stm.logbudget import LogBudget
 from stm.transport.allow import AddressFilter
 from stm.transport.sendqueue import QueueingSender
+from stm.transport.text import cause, peer_name
 from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
@@ -73,28 +74,6 @@ class Framer(Protocol):
     def receive_data(self, data: bytes) -> None: ...
 
     def next_message(self) -> Any: ...
-
-
-def _peer_name(addr: Any) -> str:
-    """``host:port``, with IPv6 hosts in brackets, for log lines."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
-
-
-def _reason(exc: BaseException) -> str:
-    """One-line cause of a socket error: "Connection refused", not a repr or traceback."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        # e.g. "certificate verify failed: Hostname mismatch, certificate is not valid for 'x'."
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
 
 
 class TcpSender(QueueingSender):
@@ -256,17 +235,17 @@ class TcpSender(QueueingSender):
                     except OSError as exc:
                         failures += 1
                         delay = self._backoff(failures)
-                        self.last_error = _reason(exc)
+                        self.last_error = cause(exc)
                         if not failing:
                             log.warning(
                                 "cannot connect to %s: %s; retrying with backoff up to %.1f s",
                                 self.url,
-                                _reason(exc),
+                                cause(exc),
                                 self.backoff_max,
                             )
                             failing = True
                         else:
-                            log.debug("connect to %s: %s", self.url, _reason(exc))
+                            log.debug("connect to %s: %s", self.url, cause(exc))
                         self._stop.wait(delay)
                         continue
                     probe = selectors.DefaultSelector()
@@ -293,7 +272,7 @@ class TcpSender(QueueingSender):
                     try:
                         written = self._write(sock, data)
                     except OSError as exc:
-                        gone = _reason(exc)
+                        gone = cause(exc)
                         write_failed = True
                     else:
                         if not written:
@@ -406,7 +385,7 @@ class TcpSender(QueueingSender):
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None  # e.g. a TLS session ticket, no application data
         except OSError as exc:
-            return _reason(exc)
+            return cause(exc)
         finally:
             with contextlib.suppress(OSError):
                 sock.settimeout(_IO_SLICE)
@@ -599,7 +578,7 @@ class TcpListener:
         self.sock.close()
         for conn in list(self._conns.values()):
             if getattr(conn.framer, "buffered", 0):
-                log.debug("closing connection from %s mid-message", _peer_name(conn.peer))
+                log.debug("closing connection from %s mid-message", peer_name(conn.peer))
             self._close_conn(conn, "listener closed")
         if self._spare is not None:
             os.close(self._spare)
@@ -636,7 +615,7 @@ class TcpListener:
             if self.allow is not None and not self.allow.allows(peer):
                 self.denied += 1
                 self._log.warning(
-                    "refusing connection from %s: address not allowed", _peer_name(peer)
+                    "refusing connection from %s: address not allowed", peer_name(peer)
                 )
                 sock.close()
                 continue
@@ -647,7 +626,7 @@ class TcpListener:
                 self.rejected_connections += 1
                 self._log.warning(
                     "refusing connection from %s: %d connections open (max_connections)",
-                    _peer_name(peer),
+                    peer_name(peer),
                     len(self._conns),
                 )
                 sock.close()
@@ -663,17 +642,17 @@ class TcpListener:
             except (OSError, ValueError) as exc:
                 sock.close()
                 self.rejected_connections += 1
-                self._log.warning("closing connection from %s: %s", _peer_name(peer), exc)
+                self._log.warning("closing connection from %s: %s", peer_name(peer), exc)
                 continue
             conn = _Connection(sock, peer, framer, tls)
             self._conns[conn.fd] = conn
             self._by_peer[peer] = conn
             self._selector.register(sock, conn.events, self)
-            log.debug("connection from %s", _peer_name(peer))
+            log.debug("connection from %s", peer_name(peer))
 
     def _shed(self, exc: OSError) -> None:
         """Out of descriptors: refuse one waiting connection using the spare descriptor."""
-        self._log.warning("cannot accept connections: %s", _reason(exc))
+        self._log.warning("cannot accept connections: %s", cause(exc))
         if self._spare is None:
             return
         os.close(self._spare)
@@ -708,13 +687,13 @@ class TcpListener:
             return
         except OSError as exc:
             self.tls_failures += 1
-            self._reject(conn, f"TLS handshake failed: {_reason(exc)}")
+            self._reject(conn, f"TLS handshake failed: {cause(exc)}")
             return
         conn.handshaking = False
         conn.identity = peer_identity(sock)
         log.debug(
             "TLS connection from %s: %s, client %s",
-            _peer_name(conn.peer),
+            peer_name(conn.peer),
             sock.version(),
             conn.identity or "without a certificate",
         )
@@ -742,10 +721,10 @@ class TcpListener:
             got = self._recv(conn)
         except OSError as exc:  # reset by peer and the like
             if getattr(conn.framer, "buffered", 0):
-                self._truncated(conn, _reason(exc))
+                self._truncated(conn, cause(exc))
             else:
-                log.debug("connection from %s ended: %s", _peer_name(conn.peer), _reason(exc))
-                self._close_conn(conn, _reason(exc))
+                log.debug("connection from %s ended: %s", peer_name(conn.peer), cause(exc))
+                self._close_conn(conn, cause(exc))
             return
         if got is None:
             return
@@ -794,7 +773,7 @@ class TcpListener:
             except ProtocolError as exc:
                 if not getattr(framer, "failed", True):
                     self.malformed += 1
-                    self._log.warning("malformed message from %s: %s", _peer_name(conn.peer), exc)
+                    self._log.warning("malformed message from %s: %s", peer_name(conn.peer), exc)
                     continue
                 if eof:
                     self._truncated(conn, str(exc))
@@ -823,17 +802,17 @@ class TcpListener:
         if left:
             self._truncated(conn, f"stream ended inside a message ({left} bytes buffered)")
             return
-        log.debug("connection from %s closed by peer", _peer_name(conn.peer))
+        log.debug("connection from %s closed by peer", peer_name(conn.peer))
         self._close_conn(conn, None)
 
     def _reject(self, conn: _Connection, reason: str) -> None:
         self.rejected_connections += 1
-        self._log.warning("closing connection from %s: %s", _peer_name(conn.peer), reason)
+        self._log.warning("closing connection from %s: %s", peer_name(conn.peer), reason)
         self._close_conn(conn, reason)
 
     def _truncated(self, conn: _Connection, reason: str) -> None:
         self.truncated_streams += 1
-        self._log.warning("closing connection from %s: %s", _peer_name(conn.peer), reason)
+        self._log.warning("closing connection from %s: %s", peer_name(conn.peer), reason)
         self._close_conn(conn, reason)
 
     def _close_conn(self, conn: _Connection, reason: str | None) -> None:

@@ -68,6 +68,7 @@ from stm.streaming import (
 )
 from stm.transport.allow import AddressFilter
 from stm.transport.sendqueue import QueueingSender
+from stm.transport.text import cause, peer_name
 from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
@@ -115,18 +116,6 @@ def _need_websockets() -> None:
         raise UsageError("ws:// and wss:// need websockets and h11: pip install 'stm[websocket]'")
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
 def _host_header(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -142,12 +131,6 @@ def _give(ws, data: bytes) -> None:
 def _short(reason: str) -> str:
     """A Close reason that fits a control frame (125 bytes with the 2-byte code)."""
     return reason.encode()[:120].decode("utf-8", "ignore")
-
-
-def _peer_name(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return _host_header(str(addr[0]), addr[1])
-    return str(addr)
 
 
 class Refused(StmError):
@@ -188,7 +171,7 @@ class _Link:
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return None
         except OSError as exc:
-            self.closed_by = _reason(exc)
+            self.closed_by = cause(exc)
             return self.closed_by
         finally:
             with contextlib.suppress(OSError):
@@ -452,7 +435,7 @@ class WsSender(QueueingSender):
                         link = self._establish()
                     except (OSError, Refused, ProtocolError) as exc:
                         failures += 1
-                        why = str(exc) if isinstance(exc, StmError) else _reason(exc)
+                        why = str(exc) if isinstance(exc, StmError) else cause(exc)
                         self.last_error = why
                         if isinstance(exc, Refused) and not self._first.is_set():
                             self._first_refusal = why
@@ -555,7 +538,7 @@ class WsSender(QueueingSender):
             try:
                 self._write(link.sock, data)
             except OSError as exc:
-                return _reason(exc)
+                return cause(exc)
             with self._lock:
                 self.bytes += size
         wait = 0.0 if batch else (PING_AFTER if link.written > link.pinged else _IO_SLICE)
@@ -995,12 +978,12 @@ class WsReceiver:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._log.warning("cannot accept connections: %s", _reason(exc))
+                self._log.warning("cannot accept connections: %s", cause(exc))
                 return
             if self.allow is not None and not self.allow.allows(addr):
                 self.denied += 1
                 self._log.warning(
-                    "refusing connection from %s: address not allowed", _peer_name(addr)
+                    "refusing connection from %s: address not allowed", peer_name(addr)
                 )
                 sock.close()
                 continue
@@ -1009,7 +992,7 @@ class WsReceiver:
                 self.rejected_connections += 1
                 self._log.warning(
                     "refusing connection from %s: %d connections open (max_connections)",
-                    _peer_name(addr),
+                    peer_name(addr),
                     len(self._peers),
                 )
                 sock.close()
@@ -1024,7 +1007,7 @@ class WsReceiver:
             except (OSError, ValueError) as exc:
                 sock.close()
                 self.rejected_connections += 1
-                self._log.warning("closing connection from %s: %s", _peer_name(addr), exc)
+                self._log.warning("closing connection from %s: %s", peer_name(addr), exc)
                 continue
             peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
             self._peers[peer.fd] = peer
@@ -1064,7 +1047,7 @@ class WsReceiver:
             return
         except OSError as exc:
             self.tls_failures += 1
-            self._reject(peer, f"TLS handshake failed: {_reason(exc)}")
+            self._reject(peer, f"TLS handshake failed: {cause(exc)}")
             return
         peer.handshaking = False
         peer.identity = peer_identity(sock)
@@ -1092,7 +1075,7 @@ class WsReceiver:
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             pass
         except OSError as exc:
-            self._drop(peer, _reason(exc))
+            self._drop(peer, cause(exc))
             return
         if not peer.out and peer.closing:
             self._drop(peer, None)
@@ -1109,7 +1092,7 @@ class WsReceiver:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as exc:
-            self._drop(peer, _reason(exc))
+            self._drop(peer, cause(exc))
             return
         if peer.closing and peer.ws is None:
             if not data:
@@ -1150,7 +1133,7 @@ class WsReceiver:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 self.rejected_connections += 1
-                self._log.warning("bad HTTP request from %s: %s", _peer_name(peer.addr), exc)
+                self._log.warning("bad HTTP request from %s: %s", peer_name(peer.addr), exc)
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     self._respond(peer, Response.error(400, "bad HTTP request"), close=True)
                 else:
@@ -1222,7 +1205,7 @@ class WsReceiver:
                 "%s %s from %s: %d %s",
                 request.method.decode("ascii", "replace"),
                 request.target.decode("ascii", "replace")[:200],
-                _peer_name(peer.addr),
+                peer_name(peer.addr),
                 response.status,
                 response.body[:200].decode("utf-8", "replace"),
             )
@@ -1230,7 +1213,7 @@ class WsReceiver:
             log.info(
                 "%s from %s: %d %s",
                 request.target.decode("ascii", "replace")[:200],
-                _peer_name(peer.addr),
+                peer_name(peer.addr),
                 response.status,
                 dict(response.headers).get("Location", ""),
             )
@@ -1242,7 +1225,7 @@ class WsReceiver:
         if status != 101:
             self.registry.refused += 1
             self._log.warning(
-                "Upgrade GET %s from %s: %d %s", target[:200], _peer_name(peer.addr), status, reason
+                "Upgrade GET %s from %s: %d %s", target[:200], peer_name(peer.addr), status, reason
             )
             self._respond(peer, Response.error(status, reason), close=True)
             return
@@ -1266,7 +1249,7 @@ class WsReceiver:
             log.info(
                 "producer %s connected from %s: connection %s, streams %s",
                 conn.producer,
-                _peer_name(peer.addr),
+                peer_name(peer.addr),
                 conn.id,
                 ", ".join(conn.streams),
             )
@@ -1399,7 +1382,7 @@ class WsReceiver:
                 if not ok:
                     self.unannounced += 1
                     self._log.warning(
-                        "report from %s on a stream not announced: dropped", _peer_name(peer.addr)
+                        "report from %s on a stream not announced: dropped", peer_name(peer.addr)
                     )
                     continue
                 taken = (report,)
@@ -1443,14 +1426,14 @@ class WsReceiver:
                     action = session.ping(payload, time.monotonic())
                     if action[0] != "pong":
                         self._log.warning(
-                            "streamInfoList from %s refused: %s", _peer_name(peer.addr), action[2]
+                            "streamInfoList from %s refused: %s", peer_name(peer.addr), action[2]
                         )
                         return action[1], action[2]
                     conn = session.connection
                     log.info(
                         "producer %s connected from %s (seed procedure): streams %s",
                         conn.producer if conn else None,
-                        _peer_name(peer.addr),
+                        peer_name(peer.addr),
                         ", ".join(conn.streams) if conn else "",
                     )
                 pongs.append(payload)
@@ -1464,7 +1447,7 @@ class WsReceiver:
             log.info(
                 "producer %s closed its connection from %s: %s %s",
                 peer.session.producer if isinstance(peer.session, Session) else None,
-                _peer_name(peer.addr),
+                peer_name(peer.addr),
                 code,
                 reason,
             )
@@ -1475,17 +1458,17 @@ class WsReceiver:
             self.closed["by_us"] += 1
             self._log.warning(
                 "closing connection from %s: a report is %d bytes at most",
-                _peer_name(peer.addr),
+                peer_name(peer.addr),
                 MAX_MESSAGE,
             )
             return CLOSE_TOO_BIG, f"a report is {MAX_MESSAGE} bytes at most"
         if isinstance(exc, EOFError):
             self.closed["dropped"] += 1
-            log.info("connection from %s ended: closed without a Close", _peer_name(peer.addr))
+            log.info("connection from %s ended: closed without a Close", peer_name(peer.addr))
             return None, "connection closed without a Close"
         if exc is not None:
             self.closed["by_us"] += 1
-            self._log.warning("closing connection from %s: %s", _peer_name(peer.addr), exc)
+            self._log.warning("closing connection from %s: %s", peer_name(peer.addr), exc)
             return 1002, str(exc)
         return close_with
 
@@ -1514,7 +1497,7 @@ class WsReceiver:
 
     def _reject(self, peer: _Peer, reason: str) -> None:
         self.rejected_connections += 1
-        self._log.warning("closing connection from %s: %s", _peer_name(peer.addr), reason)
+        self._log.warning("closing connection from %s: %s", peer_name(peer.addr), reason)
         self._drop(peer, reason)
 
     def _drop(self, peer: _Peer, reason: str | None) -> None:
@@ -1523,7 +1506,7 @@ class WsReceiver:
         del self._peers[peer.fd]
         if isinstance(peer.session, Session):
             self.closed["dropped"] += 1
-            log.info("connection from %s ended: %s", _peer_name(peer.addr), reason or "closed")
+            log.info("connection from %s ended: %s", peer_name(peer.addr), reason or "closed")
             self._ended(peer, None, reason)
         if self._sel is not None:
             with contextlib.suppress(KeyError, ValueError):
