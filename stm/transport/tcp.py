@@ -37,6 +37,7 @@ from typing import Any, Literal, Protocol
 from stm.errors import ProtocolError, UsageError
 from stm.logbudget import LogBudget
 from stm.transport.allow import AddressFilter
+from stm.transport.listen import Accepting, listening_socket
 from stm.transport.sendqueue import QueueingSender
 from stm.transport.text import cause, peer_name
 from stm.transport.tls import peer_identity
@@ -54,9 +55,7 @@ _IO_SLICE = 0.2
 """Longest a sender-thread socket call blocks before it looks at the stop flag again."""
 _IDLE_CHECK = 0.5
 """How often an idle sender checks that its collector is still there."""
-_ACCEPT_BATCH = 64
 _CONNECT_PENDING = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EALREADY}
-_OUT_OF_FDS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 Policy = Literal["drop-oldest", "block"]
 POLICIES: tuple[str, ...] = ("drop-oldest", "block")
@@ -431,7 +430,7 @@ class _Connection:
         self.closed = False
 
 
-class TcpListener:
+class TcpListener(Accepting):
     """A non-blocking listening socket whose connections are served from the caller's loop.
 
     Call :meth:`register` with the loop's selector, then :meth:`handle` for every ready key
@@ -475,17 +474,7 @@ class TcpListener:
             raise UsageError("max_connections and max_buffer must be positive")
         if handshake_timeout <= 0:
             raise UsageError("handshake_timeout must be positive")
-        family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            if os.name != "nt":  # restart at once despite TIME_WAIT; on Windows it means steal
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(backlog)
-        except OSError as exc:
-            sock.close()
-            raise UsageError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from None
-        sock.setblocking(False)
+        sock = listening_socket(host, port, backlog)
         self.sock = sock
         self.address = sock.getsockname()
         self.framer_factory = framer_factory
@@ -580,9 +569,7 @@ class TcpListener:
             if getattr(conn.framer, "buffered", 0):
                 log.debug("closing connection from %s mid-message", peer_name(conn.peer))
             self._close_conn(conn, "listener closed")
-        if self._spare is not None:
-            os.close(self._spare)
-            self._spare = None
+        self._close_spare()
 
     def __enter__(self) -> TcpListener:
         return self
@@ -592,80 +579,19 @@ class TcpListener:
 
     # -- accepting ------------------------------------------------------------------------
 
-    @staticmethod
-    def _open_spare() -> int | None:
-        try:
-            return os.open(os.devnull, os.O_RDONLY)
-        except OSError:
-            return None
+    def _active(self) -> int:
+        return len(self._conns)
 
-    def _accept(self) -> None:
-        if self._selector is None:
-            raise UsageError("call TcpListener.register(selector) before handle()")
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, peer = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _OUT_OF_FDS:
-                    self._shed(exc)
-                    return
-                continue  # ECONNABORTED and the like: that peer is gone already
-            if self.allow is not None and not self.allow.allows(peer):
-                self.denied += 1
-                self._log.warning(
-                    "refusing connection from %s: address not allowed", peer_name(peer)
-                )
-                sock.close()
-                continue
-            self.connections += 1
-            if len(self._conns) >= self.max_connections:
-                self.expire()  # stalled TLS handshakes must not keep producers out
-            if len(self._conns) >= self.max_connections:
-                self.rejected_connections += 1
-                self._log.warning(
-                    "refusing connection from %s: %d connections open (max_connections)",
-                    peer_name(peer),
-                    len(self._conns),
-                )
-                sock.close()
-                continue
-            try:
-                sock.setblocking(False)
-                tls = self.ssl_context is not None
-                if self.ssl_context is not None:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
-                framer = self.framer_factory()
-            except (OSError, ValueError) as exc:
-                sock.close()
-                self.rejected_connections += 1
-                self._log.warning("closing connection from %s: %s", peer_name(peer), exc)
-                continue
-            conn = _Connection(sock, peer, framer, tls)
-            self._conns[conn.fd] = conn
-            self._by_peer[peer] = conn
-            self._selector.register(sock, conn.events, self)
-            log.debug("connection from %s", peer_name(peer))
+    def _make_room(self) -> None:
+        self.expire()  # stalled TLS handshakes must not keep producers out
 
-    def _shed(self, exc: OSError) -> None:
-        """Out of descriptors: refuse one waiting connection using the spare descriptor."""
-        self._log.warning("cannot accept connections: %s", cause(exc))
-        if self._spare is None:
-            return
-        os.close(self._spare)
-        self._spare = None
-        try:
-            sock, _ = self.sock.accept()
-        except OSError:
-            pass
-        else:
-            sock.close()
-            self.connections += 1
-            self.rejected_connections += 1
-        self._spare = self._open_spare()
+    def _admit(self, sock: socket.socket, peer: Any) -> None:
+        conn = _Connection(sock, peer, self.framer_factory(), self.ssl_context is not None)
+        self._conns[conn.fd] = conn
+        self._by_peer[peer] = conn
+        assert self._selector is not None  # handle() comes from the selector it registered with
+        self._selector.register(sock, conn.events, self)
+        log.debug("connection from %s", peer_name(peer))
 
     # -- serving --------------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import random
 import selectors
 import socket
@@ -67,6 +66,7 @@ from stm.streaming import (
     refusal,
 )
 from stm.transport.allow import AddressFilter
+from stm.transport.listen import Accepting, listening_socket
 from stm.transport.sendqueue import QueueingSender
 from stm.transport.text import cause, peer_name
 from stm.transport.tls import peer_identity
@@ -787,7 +787,7 @@ class _Peer:
         self.body = bytearray()
 
 
-class WsReceiver:
+class WsReceiver(Accepting):
     """A WebSocket consumer of STM reports, served from the caller's selector loop.
 
     ``procedure``: ``ts28532`` (REST resources under ``path``), ``seed`` (an Upgrade on
@@ -824,19 +824,8 @@ class WsReceiver:
         _need_websockets()
         if max_connections < 1 or handshake_timeout <= 0:
             raise UsageError("max_connections and handshake_timeout must be positive")
-        family, addr = resolve(host, port, socket.SOCK_STREAM, passive=True)
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            if os.name != "nt":
-                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(addr)
-            lsock.listen(128)
-        except OSError as exc:
-            lsock.close()
-            raise UsageError(f"cannot listen on tcp {host}:{port}: {exc.strerror}") from None
-        lsock.setblocking(False)
-        self.listener = lsock
-        self.address = lsock.getsockname()
+        self.sock = listening_socket(host, port)
+        self.address = self.sock.getsockname()
         self.scheme = "wss" if ssl_context is not None else "ws"
         self.url = str(Endpoint(self.scheme, host, self.address[1], path))
         self.ssl_context = ssl_context
@@ -865,22 +854,23 @@ class WsReceiver:
         self._sel: selectors.BaseSelector | None = None
         self._closed = False
         self._ext = accel.ext
+        self._spare = self._open_spare()
 
     def fileno(self) -> int:
-        return self.listener.fileno()
+        return self.sock.fileno()
 
     def register(self, selector: selectors.BaseSelector) -> None:
         """Watch the listening socket (and, later, each connection) with ``selector``."""
         if self._sel is not None:
             raise UsageError("WsReceiver.register() called twice")
         self._sel = selector
-        selector.register(self.listener, selectors.EVENT_READ, self)
+        selector.register(self.sock, selectors.EVENT_READ, self)
 
     def handle(self, key: selectors.SelectorKey, mask: int) -> None:
         """Serve one readiness event of a socket this receiver registered."""
         if self._closed:
             return
-        if key.fileobj is self.listener:
+        if key.fileobj is self.sock:
             self._accept()
             return
         peer = self._peers.get(key.fd)
@@ -936,10 +926,11 @@ class WsReceiver:
             return
         self._closed = True
         if self._sel is not None:
-            for sock in [self.listener, *(p.sock for p in self._peers.values())]:
+            for sock in [self.sock, *(p.sock for p in self._peers.values())]:
                 with contextlib.suppress(KeyError, ValueError):
                     self._sel.unregister(sock)
-        self.listener.close()
+        self.sock.close()
+        self._close_spare()
         self._sel = selectors.DefaultSelector()  # our own, for the closing handshakes
         try:
             for p in list(self._peers.values()):
@@ -969,49 +960,16 @@ class WsReceiver:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        if self._sel is None:
-            raise UsageError("call WsReceiver.register(selector) before handle()")
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._log.warning("cannot accept connections: %s", cause(exc))
-                return
-            if self.allow is not None and not self.allow.allows(addr):
-                self.denied += 1
-                self._log.warning(
-                    "refusing connection from %s: address not allowed", peer_name(addr)
-                )
-                sock.close()
-                continue
-            self.connections += 1
-            if len(self._peers) >= self.max_connections:
-                self.rejected_connections += 1
-                self._log.warning(
-                    "refusing connection from %s: %d connections open (max_connections)",
-                    peer_name(addr),
-                    len(self._peers),
-                )
-                sock.close()
-                continue
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.ssl_context is not None:
-                    sock = self.ssl_context.wrap_socket(
-                        sock, server_side=True, do_handshake_on_connect=False
-                    )
-            except (OSError, ValueError) as exc:
-                sock.close()
-                self.rejected_connections += 1
-                self._log.warning("closing connection from %s: %s", peer_name(addr), exc)
-                continue
-            peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
-            self._peers[peer.fd] = peer
-            self._sel.register(sock, selectors.EVENT_READ, self)
+    def _active(self) -> int:
+        return len(self._peers)
+
+    def _admit(self, sock, addr) -> None:
+        with contextlib.suppress(OSError):  # Pongs and responses go out at once
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
+        self._peers[peer.fd] = peer
+        assert self._sel is not None  # handle() comes from the selector it registered with
+        self._sel.register(sock, selectors.EVENT_READ, self)
 
     def _want(self, peer: _Peer) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
