@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import selectors
 import socket
 
 from stm.errors import UsageError
@@ -37,13 +38,34 @@ def listening_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
 class Accepting:
     """Mixed into a listener that owns ``sock`` (from :func:`listening_socket`), ``allow``
     (an AddressFilter or None), ``max_connections``, ``ssl_context``, ``_log`` (a
-    LogBudget), ``_spare`` (from :meth:`_open_spare`) and the counters ``connections``,
-    ``denied`` and ``rejected_connections``, and that defines ``_active()`` (connections
-    open now), ``_make_room()`` (close stale ones, if it has any) and ``_admit(sock,
-    peer)`` (serve a new connection: non-blocking, TLS-wrapped if ``ssl_context``, its
-    handshake not done yet)."""
+    LogBudget), ``_selector`` (None until :meth:`register`), ``_closed``, ``_spare`` (from
+    :meth:`_open_spare`) and the counters ``connections``, ``denied`` and
+    ``rejected_connections``, and that defines ``_serve(key, mask)`` (a connection is
+    ready), ``_active()`` (connections open now), ``_make_room()`` (close stale ones, if it
+    has any) and ``_admit(sock, peer)`` (serve a new connection: non-blocking, TLS-wrapped
+    if ``ssl_context``, its handshake not done yet; registered with ``_selector``)."""
 
     sock: socket.socket
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Watch the listening socket (and, later, each connection) with ``selector``;
+        then call ``handle`` for every ready key whose ``data`` is this listener."""
+        if self._selector is not None:
+            raise UsageError(f"{type(self).__name__}.register() called twice")
+        self._selector = selector
+        selector.register(self.sock, selectors.EVENT_READ, self)
+
+    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
+        """Serve one readiness event of a socket this listener registered."""
+        if self._closed:
+            return
+        if key.fileobj is self.sock:
+            self._accept()
+        else:
+            self._serve(key, mask)
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_BATCH):

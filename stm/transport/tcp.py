@@ -510,9 +510,6 @@ class TcpListener(Accepting):
         """Connections open now."""
         return len(self._conns)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
     def peer_identity(self, peer: Any) -> str | None:
         """The verified client certificate subject (RFC 4514, ``CN=...``) of the open
         connection from ``peer``; None without TLS, without a client certificate, or once
@@ -532,20 +529,7 @@ class TcpListener(Accepting):
             self._reject(conn, "TLS handshake failed: timed out")
         return len(stale)
 
-    def register(self, selector: selectors.BaseSelector) -> None:
-        """Watch the listening socket (and, later, each connection) with ``selector``."""
-        if self._selector is not None:
-            raise UsageError("TcpListener.register() called twice")
-        self._selector = selector
-        selector.register(self.sock, selectors.EVENT_READ, self)
-
-    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
-        """Serve one readiness event of a socket this listener registered."""
-        if self._closed:
-            return
-        if key.fileobj is self.sock:
-            self._accept()
-            return
+    def _serve(self, key: selectors.SelectorKey, mask: int) -> None:
         conn = self._conns.get(key.fd)
         if conn is None or conn.sock is not key.fileobj:
             return  # closed earlier in the same select() round

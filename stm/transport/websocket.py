@@ -851,28 +851,12 @@ class WsReceiver(Accepting):
         self.unannounced = 0
         self._peers: dict[int, _Peer] = {}
         self._log = LogBudget()
-        self._sel: selectors.BaseSelector | None = None
+        self._selector: selectors.BaseSelector | None = None
         self._closed = False
         self._ext = accel.ext
         self._spare = self._open_spare()
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def register(self, selector: selectors.BaseSelector) -> None:
-        """Watch the listening socket (and, later, each connection) with ``selector``."""
-        if self._sel is not None:
-            raise UsageError("WsReceiver.register() called twice")
-        self._sel = selector
-        selector.register(self.sock, selectors.EVENT_READ, self)
-
-    def handle(self, key: selectors.SelectorKey, mask: int) -> None:
-        """Serve one readiness event of a socket this receiver registered."""
-        if self._closed:
-            return
-        if key.fileobj is self.sock:
-            self._accept()
-            return
+    def _serve(self, key: selectors.SelectorKey, mask: int) -> None:
         peer = self._peers.get(key.fd)
         if peer is not None and peer.sock is key.fileobj:
             self._ready(peer, mask)
@@ -925,13 +909,13 @@ class WsReceiver(Accepting):
         if self._closed:
             return
         self._closed = True
-        if self._sel is not None:
+        if self._selector is not None:
             for sock in [self.sock, *(p.sock for p in self._peers.values())]:
                 with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(sock)
+                    self._selector.unregister(sock)
         self.sock.close()
         self._close_spare()
-        self._sel = selectors.DefaultSelector()  # our own, for the closing handshakes
+        self._selector = selectors.DefaultSelector()  # our own, for the closing handshakes
         try:
             for p in list(self._peers.values()):
                 p.events = 0
@@ -943,14 +927,14 @@ class WsReceiver(Accepting):
                     self._want(p)
             deadline = time.monotonic() + 1.0
             while self._peers and time.monotonic() < deadline:
-                for key, mask in self._sel.select(0.05):
+                for key, mask in self._selector.select(0.05):
                     peer = key.data
                     if self._peers.get(peer.fd) is peer:
                         self._ready(peer, mask)
             for p in list(self._peers.values()):
                 self._drop(p, None)
         finally:
-            self._sel.close()
+            self._selector.close()
 
     def __enter__(self) -> WsReceiver:
         return self
@@ -968,17 +952,17 @@ class WsReceiver(Accepting):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _Peer(sock, addr, self.ssl_context is not None, time.monotonic())
         self._peers[peer.fd] = peer
-        assert self._sel is not None  # handle() comes from the selector it registered with
-        self._sel.register(sock, selectors.EVENT_READ, self)
+        assert self._selector is not None  # handle() comes from the selector it registered with
+        self._selector.register(sock, selectors.EVENT_READ, self)
 
     def _want(self, peer: _Peer) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
-        if events != peer.events and self._sel is not None:
+        if events != peer.events and self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 if peer.events == 0:
-                    self._sel.register(peer.sock, events, peer if self._closed else self)
+                    self._selector.register(peer.sock, events, peer if self._closed else self)
                 else:
-                    self._sel.modify(peer.sock, events, peer if self._closed else self)
+                    self._selector.modify(peer.sock, events, peer if self._closed else self)
             peer.events = events
 
     def _ready(self, peer: _Peer, mask: int) -> None:
@@ -1014,8 +998,8 @@ class WsReceiver(Accepting):
         self._want(peer)
 
     def _watch(self, peer: _Peer, events: int) -> None:
-        if events != peer.events and self._sel is not None:
-            self._sel.modify(peer.sock, events, self)
+        if events != peer.events and self._selector is not None:
+            self._selector.modify(peer.sock, events, self)
             peer.events = events
 
     def _send(self, peer: _Peer, data: bytes) -> None:
@@ -1466,9 +1450,9 @@ class WsReceiver(Accepting):
             self.closed["dropped"] += 1
             log.info("connection from %s ended: %s", peer_name(peer.addr), reason or "closed")
             self._ended(peer, None, reason)
-        if self._sel is not None:
+        if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(peer.sock)
+                self._selector.unregister(peer.sock)
         with contextlib.suppress(OSError):
             peer.sock.close()
 
