@@ -9,9 +9,11 @@ import errno
 import os
 import selectors
 import socket
+import ssl
 
 from stm.errors import UsageError
 from stm.transport.text import cause, peer_name
+from stm.transport.tls import peer_identity
 from stm.transport.url import resolve
 
 ACCEPT_BATCH = 64
@@ -39,11 +41,12 @@ class Accepting:
     """Mixed into a listener that owns ``sock`` (from :func:`listening_socket`), ``allow``
     (an AddressFilter or None), ``max_connections``, ``ssl_context``, ``_log`` (a
     LogBudget), ``_selector`` (None until :meth:`register`), ``_closed``, ``_spare`` (from
-    :meth:`_open_spare`) and the counters ``connections``, ``denied`` and
-    ``rejected_connections``, and that defines ``_serve(key, mask)`` (a connection is
-    ready), ``_active()`` (connections open now), ``_make_room()`` (close stale ones, if it
-    has any) and ``_admit(sock, peer)`` (serve a new connection: non-blocking, TLS-wrapped
-    if ``ssl_context``, its handshake not done yet; registered with ``_selector``)."""
+    :meth:`_open_spare`) and the counters ``connections``, ``denied``,
+    ``rejected_connections`` and ``tls_failures``, and that defines ``_serve(key, mask)``
+    (a connection is ready), ``_reject(conn, why)``, ``_active()`` (connections open now),
+    ``_make_room()`` (close stale ones, if it has any) and ``_admit(sock, peer)`` (serve a
+    new connection: non-blocking, TLS-wrapped if ``ssl_context``, its handshake not done
+    yet; registered with ``_selector``)."""
 
     sock: socket.socket
 
@@ -109,6 +112,34 @@ class Accepting:
                 self._log.warning("closing connection from %s: %s", peer_name(peer), exc)
                 continue
             self._admit(sock, peer)
+
+    def _watch(self, conn, events: int) -> None:
+        """Have the selector report ``events`` for a connection (one with ``sock`` and
+        ``events``)."""
+        if conn.events != events and self._selector is not None:
+            conn.events = events
+            self._selector.modify(conn.sock, events, self)
+
+    def _tls_step(self, conn) -> bool:
+        """One step of a connection's TLS handshake (``conn`` has ``sock``, ``events``,
+        ``handshaking`` and ``identity``): True once it is done and ``identity`` is the
+        client certificate's subject (or None); a failure is counted in ``tls_failures``
+        and the connection goes through the listener's ``_reject(conn, why)``."""
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return False
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return False
+        except OSError as exc:
+            self.tls_failures += 1
+            self._reject(conn, f"TLS handshake failed: {cause(exc)}")
+            return False
+        conn.handshaking = False
+        conn.identity = peer_identity(conn.sock)
+        return True
 
     @staticmethod
     def _open_spare() -> int | None:

@@ -40,7 +40,6 @@ from stm.transport.allow import AddressFilter
 from stm.transport.listen import Accepting, listening_socket
 from stm.transport.sendqueue import QueueingSender
 from stm.transport.text import cause, peer_name
-from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
 __all__ = ["BATCH_BYTES", "READ_SIZE", "Framer", "TcpListener", "TcpSender"]
@@ -579,35 +578,16 @@ class TcpListener(Accepting):
 
     # -- serving --------------------------------------------------------------------------
 
-    def _want(self, conn: _Connection, events: int) -> None:
-        if conn.events != events and self._selector is not None:
-            conn.events = events
-            self._selector.modify(conn.sock, events, self)
-
     def _handshake(self, conn: _Connection) -> None:
-        sock = conn.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(conn, selectors.EVENT_READ)
+        if not self._tls_step(conn):
             return
-        except ssl.SSLWantWriteError:
-            self._want(conn, selectors.EVENT_WRITE)
-            return
-        except OSError as exc:
-            self.tls_failures += 1
-            self._reject(conn, f"TLS handshake failed: {cause(exc)}")
-            return
-        conn.handshaking = False
-        conn.identity = peer_identity(sock)
         log.debug(
             "TLS connection from %s: %s, client %s",
             peer_name(conn.peer),
-            sock.version(),
+            conn.sock.version(),
             conn.identity or "without a certificate",
         )
-        self._want(conn, selectors.EVENT_READ)
+        self._watch(conn, selectors.EVENT_READ)
 
     def _recv(self, conn: _Connection) -> tuple[bytes, bool] | None:
         """(data, end of stream) read now, or None if nothing was there after all."""

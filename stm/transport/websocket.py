@@ -69,7 +69,6 @@ from stm.transport.allow import AddressFilter
 from stm.transport.listen import Accepting, listening_socket
 from stm.transport.sendqueue import QueueingSender
 from stm.transport.text import cause, peer_name
-from stm.transport.tls import peer_identity
 from stm.transport.url import Endpoint, resolve
 
 try:  # optional: pip install 'stm[websocket]'
@@ -978,29 +977,11 @@ class WsReceiver(Accepting):
             self._read(peer)
 
     def _handshake(self, peer: _Peer) -> None:
-        sock = peer.sock
-        try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._watch(peer, selectors.EVENT_READ)
+        if not self._tls_step(peer):
             return
-        except ssl.SSLWantWriteError:
-            self._watch(peer, selectors.EVENT_WRITE)
-            return
-        except OSError as exc:
-            self.tls_failures += 1
-            self._reject(peer, f"TLS handshake failed: {cause(exc)}")
-            return
-        peer.handshaking = False
-        peer.identity = peer_identity(sock)
         if peer.identity is not None:
             peer.source = (peer.identity, *peer.addr[1:2])
         self._want(peer)
-
-    def _watch(self, peer: _Peer, events: int) -> None:
-        if events != peer.events and self._selector is not None:
-            self._selector.modify(peer.sock, events, self)
-            peer.events = events
 
     def _send(self, peer: _Peer, data: bytes) -> None:
         peer.out += data
